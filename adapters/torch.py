@@ -1,0 +1,79 @@
+"""PyTorch adapter: ``DriftingLoss`` module, ``drifting_loss`` with the namespace bound.
+
+The drift is computed on detached float32 copies with autocast off; only the final regression
+x/s - stop_gradient(x/s + V) carries gradient. Works under ``torch.compile(fullgraph=True)``
+(forward and loss; call ``backward`` outside) and under ``torch.func.grad``/``vmap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat.torch as xp_torch
+import torch
+
+from driftloss._backends import Backend
+from driftloss._loss import DEFAULT_TAUS
+from driftloss._loss import drift_field as _drift_field
+from driftloss._loss import drifting_loss as _drifting_loss
+
+
+def _no_autocast(a: torch.Tensor):
+    # Autocast would run the distance product in half precision (DESIGN §7).
+    return torch.autocast(device_type=a.device.type, enabled=False)
+
+
+def _is_concrete(a: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(a)
+
+
+BACKEND = Backend(
+    stop_gradient=torch.Tensor.detach,
+    field_context=_no_autocast,
+    matmul=torch.matmul,
+    is_concrete=_is_concrete,
+)
+
+
+def drifting_loss(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None,
+                  taus: float | Sequence[float] = DEFAULT_TAUS, **options: Any) -> Any:
+    """``driftloss.drifting_loss`` for torch tensors (namespace passed explicitly)."""
+    return _drifting_loss(x, pos, neg, taus, xp=xp_torch, **options)
+
+
+def drift_field(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None,
+                tau: float | Sequence[float] = 0.05, **options: Any) -> Any:
+    """``driftloss.drift_field`` for torch tensors (namespace passed explicitly)."""
+    return _drift_field(x, pos, neg, tau, xp=xp_torch, **options)
+
+
+class DriftingLoss(torch.nn.Module):
+    """The drifting loss as a module; the hyperparameters are fixed at construction.
+
+        criterion = DriftingLoss(taus=(0.02, 0.05, 0.2))
+        loss = criterion(generator(z), real)            # x [..., N, D], pos [..., P, D]
+        loss.backward()
+
+    Keyword options are those of ``driftloss.drifting_loss`` (normalize, kernel,
+    affinity_floor, attraction, repulsion, reduction, return_stats, x_as_negatives).
+    """
+
+    def __init__(self, taus: float | Sequence[float] = DEFAULT_TAUS, **options: Any) -> None:
+        super().__init__()
+        self.taus = tuple(taus) if isinstance(taus, Sequence) else (float(taus),)
+        if "xp" in options:
+            raise TypeError("DriftingLoss: xp is fixed to the torch namespace")
+        self.options = options
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
+                x_weight: torch.Tensor | None = None, pos_weight: torch.Tensor | None = None,
+                neg_weight: torch.Tensor | None = None) -> Any:
+        return _drifting_loss(x, pos, neg, self.taus, x_weight=x_weight, pos_weight=pos_weight,
+                              neg_weight=neg_weight, xp=xp_torch, **self.options)
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"taus={self.taus}{opts}"

@@ -1,0 +1,50 @@
+"""Framework hooks the Array API standard lacks: stop-gradient, exact matmul, eager checks.
+
+The core never imports torch or jax. When it is handed torch or JAX arrays it asks the
+matching adapter (``driftloss.adapters.torch`` / ``driftloss.adapters.jax``) for these
+hooks; the adapter module is imported only then, when the framework is already loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+from array_api_compat import is_jax_namespace, is_torch_namespace
+
+
+def _identity(a: Any) -> Any:
+    return a
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the core needs from a framework beyond the Array API.
+
+    stop_gradient(a)      -> a with no gradient path (identity where there is no autodiff)
+    field_context(a)      -> context in which the drift of a's call is computed (torch: autocast off)
+    matmul(a, b)          -> matmul at full float32 precision (JAX: Precision.HIGHEST)
+    is_concrete(a)        -> True when a holds values Python may inspect (not a tracer or fake tensor)
+    """
+
+    stop_gradient: Callable[[Any], Any] = _identity
+    field_context: Callable[[Any], ContextManager] = lambda a: contextlib.nullcontext()
+    matmul: Callable[[Any, Any], Any] | None = None
+    is_concrete: Callable[[Any], bool] = lambda a: True
+
+
+_GENERIC = Backend()
+
+
+def backend_for(xp: Any) -> Backend:
+    """The hooks for namespace ``xp``; generic (identity) hooks for NumPy and the rest."""
+    if is_torch_namespace(xp):
+        from driftloss.adapters import torch as torch_adapter
+
+        return torch_adapter.BACKEND
+    if is_jax_namespace(xp):
+        from driftloss.adapters import jax as jax_adapter
+
+        return jax_adapter.BACKEND
+    return _GENERIC

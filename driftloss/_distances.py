@@ -1,0 +1,21 @@
+"""Pairwise Euclidean distances, centred first so float32 keeps small distances."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def pairwise_distances(x: Any, y: Any, *, xp: Any, matmul: Callable[[Any, Any], Any]) -> Any:
+    """d[..., i, j] = ||x_i - y_j||_2 for x [..., N, D], y [..., J, D] -> [..., N, J].
+
+    Uses ||a||^2 + ||b||^2 - 2 a.b on points centred by their common mean: without the
+    centring an offset shared by all points swamps the distances in float32 (DESIGN §7).
+    """
+    n, j = x.shape[-2], y.shape[-2]
+    centre = (xp.sum(x, axis=-2, keepdims=True) + xp.sum(y, axis=-2, keepdims=True)) / (n + j)
+    xc = x - centre
+    yc = y - centre
+    x2 = xp.expand_dims(xp.sum(xc * xc, axis=-1), axis=-1)  # [..., N, 1]
+    y2 = xp.expand_dims(xp.sum(yc * yc, axis=-1), axis=-2)  # [..., 1, J]
+    d2 = x2 + y2 - 2 * matmul(xc, xp.matrix_transpose(yc))
+    return xp.sqrt(xp.clip(d2, min=0))

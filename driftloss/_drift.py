@@ -1,0 +1,114 @@
+"""The normalized multi-temperature drift of DESIGN §2, on stop-gradient copies of the inputs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from array_api_compat import device as _device
+
+from driftloss._distances import pairwise_distances
+from driftloss._field import drift_from_affinity
+from driftloss._kernel import affinity, effective_neighbours
+
+SELF_PENALTY = 100.0  # added to a sample's distance to itself, in units of the mean distance
+SCALE_FLOOR = 1e-3  # lower bound of S and s (DESIGN §2 step 2)
+RMS_FLOOR_SQ = 1e-8  # lower bound of mean(F^2) before the square root (step 4)
+
+
+@dataclass(frozen=True)
+class DriftOptions:
+    taus: tuple[float, ...]
+    x_as_negatives: bool = True
+    normalize: bool = True
+    kernel: str = "both"
+    affinity_floor: float = 0.0
+    attraction: float = 1.0
+    repulsion: float = 1.0
+    with_stats: bool = False
+    # Sums a small array across replicas (all-reduce); S and lambda then use global statistics.
+    cross_replica_sum: Any = None
+
+
+def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
+                  *, xp: Any, matmul: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Drift of every generated sample, summed over temperatures.
+
+    x [..., N, D], pos [..., P, D], neg [..., M, D] or None, all in the compute dtype and
+    already cut from the autodiff graph; weights = (x_w [..., N], neg_w [..., M] or None,
+    pos_w [..., P]) broadcast to full shape.
+    Returns (V [..., N, D], s, stats): with normalize, V = sum_tau F_tau / lambda_tau in units of
+    the feature scale s (0-d array); without, V = sum_tau F_tau in raw units and s = 1.0.
+    """
+    x_w, neg_w, pos_w = weights
+    n, d_feat = x.shape[-2], x.shape[-1]
+    cols = [x] if opts.x_as_negatives else []
+    col_w = [x_w] if opts.x_as_negatives else []
+    if neg is not None:
+        cols.append(neg)
+        col_w.append(neg_w)
+    n_neg = sum(c.shape[-2] for c in cols)
+    y = xp.concat([*cols, pos], axis=-2)  # [..., J, D], negatives first
+    w = xp.concat([*col_w, pos_w], axis=-1)  # [..., J]
+
+    dist = pairwise_distances(x, y, xp=xp, matmul=matmul)  # [..., N, J]
+    self_mask = None
+    if opts.x_as_negatives:
+        dev = _device(x)
+        rows = xp.expand_dims(xp.arange(n, device=dev), axis=-1)
+        self_mask = rows == xp.expand_dims(xp.arange(y.shape[-2], device=dev), axis=-2)  # [N, J]
+        dist = xp.where(self_mask, 0.0, dist)  # exact zero where the Gram form leaves rounding
+
+    # S: weighted mean distance over all problems, rows and columns (self distances included).
+    sums = xp.stack([xp.sum(dist * xp.expand_dims(w, axis=-2)), n * xp.sum(w)])
+    if opts.cross_replica_sum is not None:
+        sums = opts.cross_replica_sum(sums)
+    scale = sums[0] / xp.clip(sums[1], min=1e-30)
+    unit = xp.clip(scale, min=SCALE_FLOOR)
+    if opts.normalize:
+        s = xp.clip(scale / math.sqrt(d_feat), min=SCALE_FLOOR)
+        dist_hat = dist / unit
+        penalty = SELF_PENALTY
+    else:
+        s = 1.0
+        dist_hat = dist
+        penalty = SELF_PENALTY * unit
+    if self_mask is not None:
+        dist_hat = xp.where(self_mask, dist_hat + penalty, dist_hat)
+
+    # Centre the coordinates: F is translation invariant and the product loses less in float32.
+    centre = xp.mean(y, axis=-2, keepdims=True)
+    yc, xc = y - centre, x - centre
+
+    v = None
+    rms, neighbours = [], []
+    for tau in opts.taus:
+        a = affinity(-dist_hat / tau, w, kernel=opts.kernel, floor=opts.affinity_floor, xp=xp)
+        f = drift_from_affinity(a, yc, xc, n_neg=n_neg, attraction=opts.attraction,
+                                repulsion=opts.repulsion, xp=xp, matmul=matmul) / s
+        ms = _global_mean_square(f, opts.cross_replica_sum, xp)
+        term = f / xp.sqrt(xp.clip(ms, min=RMS_FLOOR_SQ)) if opts.normalize else f
+        v = term if v is None else v + term
+        if opts.with_stats:
+            rms.append(xp.sqrt(ms))
+            neighbours.append(effective_neighbours(a, xp=xp))
+
+    stats: dict[str, Any] = {}
+    if opts.with_stats:
+        stats = {
+            "scale": scale,
+            "feature_scale": xp.asarray(s, dtype=x.dtype, device=_device(x)),
+            "drift_rms": xp.stack(rms),
+            "neighbours": xp.stack(neighbours),
+        }
+    return v, s, stats
+
+
+def _global_mean_square(f: Any, cross_replica_sum: Any, xp: Any) -> Any:
+    """mean(f**2) over all problems, rows and dims, across replicas when a sum is given."""
+    if cross_replica_sum is None:
+        return xp.mean(f * f)
+    count = xp.asarray(float(math.prod(f.shape)), dtype=f.dtype, device=_device(f))
+    sums = cross_replica_sum(xp.stack([xp.sum(f * f), count]))
+    return sums[0] / sums[1]

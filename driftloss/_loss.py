@@ -1,0 +1,174 @@
+"""Public entry points: drifting_loss and drift_field."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from array_api_compat import is_numpy_namespace
+
+from driftloss._arrays import check_real_floating, compute_dtype, resolve_namespace
+from driftloss._backends import backend_for
+from driftloss._drift import DriftOptions, compute_drift
+from driftloss._validation import as_taus, check_options, check_points, check_weight
+
+DEFAULT_TAUS = (0.02, 0.05, 0.2)
+
+
+def drifting_loss(
+    x: Any,
+    pos: Any,
+    neg: Any = None,
+    taus: float | Sequence[float] = DEFAULT_TAUS,
+    *,
+    x_weight: Any = None,
+    pos_weight: Any = None,
+    neg_weight: Any = None,
+    x_as_negatives: bool = True,
+    normalize: bool = True,
+    kernel: str = "both",
+    affinity_floor: float = 0.0,
+    attraction: float = 1.0,
+    repulsion: float = 1.0,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    cross_replica_sum: Any = None,
+    xp: Any = None,
+) -> Any:
+    """The drifting loss (Deng et al. 2026, Eq. 6 with the field of Eq. 8-11, Alg. 2, A.6).
+
+    Each generated sample is pulled toward nearby positives and pushed away from nearby
+    negatives by the kernel mean-shift field V; the loss regresses x onto the stop-gradient
+    target x/s + V, so that d loss / d x = -2 V / (s * x.size) with reduction="mean".
+
+    Args:
+      x:   [..., N, D] generated samples (or features of them); carries the gradient. They are
+           also negatives, each excluding itself, unless x_as_negatives=False.
+      pos: [..., P, D] positives (real data).
+      neg: [..., M, D] extra negatives (e.g. unconditional real samples for guidance, §3.5) or None.
+      taus: temperature or temperatures; each tau's drift is scaled to unit RMS and summed (A.6).
+      x_weight, pos_weight, neg_weight: [..., N] / [..., P] / [..., M] non-negative column
+           weights (default 1); leading dims may broadcast. See ``cfg_weight`` for guidance.
+      x_as_negatives: use x as negatives (default). False: the negatives are exactly ``neg``.
+      normalize: scale features so the mean distance is sqrt(D) and each tau's drift to unit RMS
+           (A.6). False: raw Alg. 2 on raw coordinates with the given tau.
+      kernel: "both" (softmax over y and over x, default), "y" (over y only) or "none" (Table 11).
+      affinity_floor: 0 (exact). 1e-6 reproduces the authors' released implementation.
+      attraction, repulsion: V = attraction * V+ - repulsion * V- (Table 1); 1 and 1 keep V
+           anti-symmetric.
+      reduction: "mean" -> scalar; "sum" -> sum over problems; "none" -> per-problem loss [...].
+      return_stats: also return a dict of diagnostics (arrays, no gradient):
+           scale S (0-d), feature_scale s (0-d), drift_rms [T] (lambda_tau, the RMS of each
+           tau's drift before normalization), neighbours [T] (exp of the kernel-weight entropy
+           per row, averaged: the effective number of neighbours).
+      cross_replica_sum: for data-parallel training, a function that sums a small array over all
+           replicas (torch.distributed all_reduce, jax.lax.psum). S and lambda then come from the
+           global batch, so R replicas compute exactly the single-device loss (whose gradient
+           the usual gradient averaging then reproduces). The adapters build it from a process
+           group or an axis name.
+      xp: Array API namespace; inferred from the inputs when None.
+
+    Leading dims ``...`` index independent kernel problems that share S and lambda (DESIGN §2).
+    Computation is in float32 (float64 if any input is float64); half-precision inputs are
+    upcast and the loss is returned in float32.
+
+    Returns the loss (0-d, or [...] with reduction="none"), and the stats dict if asked.
+    """
+    fn = "drifting_loss"
+    check_options(fn, kernel=kernel, reduction=reduction, affinity_floor=affinity_floor,
+                  attraction=attraction, repulsion=repulsion)
+    opts = DriftOptions(taus=as_taus(fn, taus), x_as_negatives=x_as_negatives, normalize=normalize,
+                        kernel=kernel, affinity_floor=affinity_floor, attraction=attraction,
+                        repulsion=repulsion, with_stats=return_stats, cross_replica_sum=cross_replica_sum)
+    xp, be, xq, v, s, stats = _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
+    scaled = xq / s
+    target = be.stop_gradient(scaled + v)
+    diff = scaled - target
+    per_problem = xp.mean(diff * diff, axis=(-2, -1))
+    if reduction == "mean":
+        loss = xp.mean(per_problem)
+    elif reduction == "sum":
+        loss = xp.sum(per_problem)
+    else:
+        loss = per_problem
+    if is_numpy_namespace(xp):  # NumPy reductions give scalars; the contract is arrays
+        loss = xp.asarray(loss)
+        stats = {k: xp.asarray(v) for k, v in stats.items()}
+    return (loss, stats) if return_stats else loss
+
+
+def drift_field(
+    x: Any,
+    pos: Any,
+    neg: Any = None,
+    tau: float | Sequence[float] = 0.05,
+    *,
+    x_weight: Any = None,
+    pos_weight: Any = None,
+    neg_weight: Any = None,
+    x_as_negatives: bool = True,
+    normalize: bool = False,
+    kernel: str = "both",
+    affinity_floor: float = 0.0,
+    attraction: float = 1.0,
+    repulsion: float = 1.0,
+    return_stats: bool = False,
+    cross_replica_sum: Any = None,
+    xp: Any = None,
+) -> Any:
+    """The drift V [..., N, D] of each generated sample (Alg. 2; Eq. 8-11), without gradient.
+
+    Same arguments as ``drifting_loss``. With normalize=False (default) V is Alg. 2's
+    W+ y+ - W- y- on raw coordinates, summed over the given temperature(s). With normalize=True
+    V is the normalized drift the loss uses, in units of the feature scale s
+    (stats["feature_scale"]): d drifting_loss / d x = -2 V / (s * x.size).
+    With x_as_negatives=False the negatives are exactly ``neg``, and V(x; p, q) = -V(x; q, p).
+    Returned in the compute dtype (float32, or float64 for float64 input).
+    """
+    fn = "drift_field"
+    check_options(fn, kernel=kernel, reduction=None, affinity_floor=affinity_floor,
+                  attraction=attraction, repulsion=repulsion)
+    opts = DriftOptions(taus=as_taus(fn, tau), x_as_negatives=x_as_negatives, normalize=normalize,
+                        kernel=kernel, affinity_floor=affinity_floor, attraction=attraction,
+                        repulsion=repulsion, with_stats=return_stats, cross_replica_sum=cross_replica_sum)
+    _, _, _, v, _, stats = _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
+    return (v, stats) if return_stats else v
+
+
+def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp):
+    """Validate, resolve the namespace, upcast, and compute the drift on stop-gradient copies.
+
+    Returns (xp, backend, x in compute dtype with gradient, V, s, stats).
+    """
+    arrays = {"x": x, "pos": pos, "neg": neg, "x_weight": x_weight, "pos_weight": pos_weight,
+              "neg_weight": neg_weight}
+    xp = resolve_namespace(fn, arrays, xp)
+    check_real_floating(fn, xp, {"x": x, "pos": pos, "neg": neg})
+    check_points(fn, x, pos, neg, x_as_negatives=opts.x_as_negatives)
+    be = backend_for(xp)
+    for name, w, pts, pts_name in (("x_weight", x_weight, x, "x"), ("pos_weight", pos_weight, pos, "pos"),
+                                   ("neg_weight", neg_weight, neg, "neg")):
+        check_weight(fn, name, w, pts, pts_name, xp, concrete=w is not None and be.is_concrete(w))
+
+    cd = compute_dtype(xp, [x, pos, neg])
+    matmul = be.matmul or xp.matmul
+    xq = xp.astype(x, cd)
+    with be.field_context(x):
+        xs, ps = (be.stop_gradient(xp.astype(a, cd)) for a in (x, pos))
+        ns = None if neg is None else be.stop_gradient(xp.astype(neg, cd))
+        weights = tuple(
+            None if pts is None else _full_weight(w, pts, cd, xp, be)
+            for w, pts in ((x_weight, x), (neg_weight, neg), (pos_weight, pos))
+        )
+        v, s, stats = compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=matmul)
+    return xp, be, xq, v, s, stats
+
+
+def _full_weight(w, points, dtype, xp, be):
+    """Column weight broadcast to points.shape[:-1] in ``dtype``; ones when None."""
+    shape = tuple(points.shape[:-1])
+    if w is None:
+        import array_api_compat
+
+        return xp.ones(shape, dtype=dtype, device=array_api_compat.device(points))
+    return xp.broadcast_to(be.stop_gradient(xp.astype(w, dtype)), shape)
