@@ -14,31 +14,52 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from driftloss.adapters import jax_fast
 
 from driftloss._backends import Backend
 from driftloss._loss import DEFAULT_TAUS
 from driftloss._loss import drift_field as _drift_field
 from driftloss._loss import drifting_loss as _drifting_loss
 
+_TRACER = getattr(jax.core, "Tracer", None) or jax._src.core.Tracer  # public name may move
+
 
 def _is_concrete(a: Any) -> bool:
-    return not isinstance(a, jax.core.Tracer)
+    return not isinstance(a, _TRACER)
 
 
 BACKEND = Backend(
     stop_gradient=jax.lax.stop_gradient,
     matmul=functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST),
     is_concrete=_is_concrete,
+    compute_drift=jax_fast.compute_drift,
 )
 
 
 def drifting_loss(x: jax.Array, pos: jax.Array, neg: jax.Array | None = None,
-                  taus: float | Sequence[float] = DEFAULT_TAUS, **options: Any) -> Any:
-    """``driftloss.drifting_loss`` for JAX arrays (namespace passed explicitly)."""
+                  taus: float | Sequence[float] = DEFAULT_TAUS, *, axis_name: Any = None,
+                  **options: Any) -> Any:
+    """``driftloss.drifting_loss`` for JAX arrays (namespace passed explicitly).
+
+    ``axis_name``: inside shard_map/pmap, psum S and lambda over this mapped axis so the replicas
+    compute the single-device loss. Under plain ``jit`` with globally sharded arrays nothing is
+    needed: the arrays are global.
+    """
+    if axis_name is not None:
+        options["cross_replica_sum"] = functools.partial(jax.lax.psum, axis_name=axis_name)
+    x, pos, neg, options = _as_jax(x, pos, neg, options)
     return _drifting_loss(x, pos, neg, taus, xp=jnp, **options)
 
 
 def drift_field(x: jax.Array, pos: jax.Array, neg: jax.Array | None = None,
                 tau: float | Sequence[float] = 0.05, **options: Any) -> Any:
     """``driftloss.drift_field`` for JAX arrays (namespace passed explicitly)."""
+    x, pos, neg, options = _as_jax(x, pos, neg, options)
     return _drift_field(x, pos, neg, tau, xp=jnp, **options)
+
+
+def _as_jax(x: Any, pos: Any, neg: Any, options: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """NumPy inputs (constants of a jitted step, say) as JAX arrays; tracers pass through."""
+    weights = {k: jnp.asarray(options[k]) for k in ("x_weight", "pos_weight", "neg_weight")
+               if options.get(k) is not None}
+    return jnp.asarray(x), jnp.asarray(pos), None if neg is None else jnp.asarray(neg), {**options, **weights}

@@ -12,6 +12,7 @@ from typing import Any
 
 import array_api_compat.torch as xp_torch
 import torch
+from driftloss.adapters import torch_fast
 
 from driftloss._backends import Backend
 from driftloss._loss import DEFAULT_TAUS
@@ -30,17 +31,45 @@ def _is_concrete(a: torch.Tensor) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(a)
 
 
+def replica_sum(group: Any = None) -> Any:
+    """A ``cross_replica_sum`` over a torch.distributed process group (all_reduce, SUM)."""
+
+    def sum_over_group(a: torch.Tensor) -> torch.Tensor:
+        a = a.clone()
+        torch.distributed.all_reduce(a, op=torch.distributed.ReduceOp.SUM, group=group)
+        return a
+
+    return sum_over_group
+
+
+def _default_replica_sum() -> Any:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return replica_sum()
+    return None
+
+
 BACKEND = Backend(
     stop_gradient=torch.Tensor.detach,
     field_context=_no_autocast,
     matmul=torch.matmul,
     is_concrete=_is_concrete,
+    device=lambda a: a.device,
+    default_replica_sum=_default_replica_sum,  # array_api_compat.device is not traceable by dynamo
+    compute_drift=torch_fast.compute_drift,
 )
 
 
 def drifting_loss(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None,
-                  taus: float | Sequence[float] = DEFAULT_TAUS, **options: Any) -> Any:
-    """``driftloss.drifting_loss`` for torch tensors (namespace passed explicitly)."""
+                  taus: float | Sequence[float] = DEFAULT_TAUS, *, process_group: Any = None,
+                  **options: Any) -> Any:
+    """``driftloss.drifting_loss`` for torch tensors (namespace passed explicitly).
+
+    ``process_group``: all-reduce S and lambda over this group (default: the whole world when
+    torch.distributed is initialized).
+    """
+    if process_group is not None:
+        options["cross_replica_sum"] = replica_sum(process_group)
     return _drifting_loss(x, pos, neg, taus, xp=xp_torch, **options)
 
 

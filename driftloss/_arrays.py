@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import array_api_compat
 from array_api_compat import array_namespace
 
 
@@ -16,8 +15,7 @@ def _describe(a: Any) -> str:
 def resolve_namespace(fn: str, arrays: dict[str, Any], xp: Any = None) -> Any:
     """The one Array API namespace of ``arrays`` (name -> array or None); ``xp`` if given.
 
-    Raises TypeError when the arrays come from different libraries, ValueError when they sit
-    on different devices.
+    Raises TypeError when the arrays come from different libraries.
     """
     present = {k: v for k, v in arrays.items() if v is not None}
     if xp is None:
@@ -28,14 +26,22 @@ def resolve_namespace(fn: str, arrays: dict[str, Any], xp: Any = None) -> Any:
             raise TypeError(
                 f"{fn}: all arrays must come from one array library; got {kinds}"
             ) from e
-    devices = {k: array_api_compat.device(v) for k, v in present.items()}
+    return xp
+
+
+def check_same_device(fn: str, arrays: dict[str, Any], device: Any) -> None:
+    """ValueError when the arrays (name -> array or None) sit on different devices."""
+    devices = {k: device(v) for k, v in arrays.items() if v is not None}
+    # Traced arrays (jax.grad, jit) report no device; compare only the ones that do.
+    devices = {k: dev for k, dev in devices.items() if dev is not None}
+    if not devices:
+        return
     first_name, first = next(iter(devices.items()))
     for name, dev in devices.items():
         if dev != first:
             raise ValueError(
                 f"{fn}: all arrays must be on one device; {first_name} is on {first} but {name} is on {dev}"
             )
-    return xp
 
 
 def check_real_floating(fn: str, xp: Any, arrays: dict[str, Any]) -> None:

@@ -8,10 +8,14 @@ hooks; the adapter module is imported only then, when the framework is already l
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any
 
-from array_api_compat import is_jax_namespace, is_torch_namespace
+import array_api_compat
+import numpy as np
+from array_api_compat import is_jax_namespace, is_numpy_namespace, is_torch_namespace
 
 
 def _identity(a: Any) -> Any:
@@ -26,15 +30,27 @@ class Backend:
     field_context(a)      -> context in which the drift of a's call is computed (torch: autocast off)
     matmul(a, b)          -> matmul at full float32 precision (JAX: Precision.HIGHEST)
     is_concrete(a)        -> True when a holds values Python may inspect (not a tracer or fake tensor)
+    device(a)             -> the device of a (None where a traced array has none)
+    as_array(a)           -> a as an array (NumPy reductions return scalars)
+    default_replica_sum() -> the cross_replica_sum to use when the caller gives none (torch: an
+                             all-reduce when torch.distributed is initialized), or None
+    compute_drift         -> a faster drift with ``_drift.compute_drift``'s arguments and results, or
+                             None (the reference); it may return None to decline a call it does not
+                             support, which then runs the reference
     """
 
     stop_gradient: Callable[[Any], Any] = _identity
     field_context: Callable[[Any], ContextManager] = lambda a: contextlib.nullcontext()
     matmul: Callable[[Any, Any], Any] | None = None
     is_concrete: Callable[[Any], bool] = lambda a: True
+    device: Callable[[Any], Any] = array_api_compat.device
+    as_array: Callable[[Any], Any] = _identity
+    default_replica_sum: Callable[[], Any] = lambda: None
+    compute_drift: Callable[..., Any] | None = None
 
 
 _GENERIC = Backend()
+_NUMPY = Backend(as_array=np.asarray)  # NumPy reductions return scalars, not 0-d arrays
 
 
 def backend_for(xp: Any) -> Backend:
@@ -47,4 +63,6 @@ def backend_for(xp: Any) -> Backend:
         from driftloss.adapters import jax as jax_adapter
 
         return jax_adapter.BACKEND
+    if is_numpy_namespace(xp):
+        return _NUMPY
     return _GENERIC

@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from array_api_compat import device as _device
-
+from driftloss._backends import backend_for
 from driftloss._distances import pairwise_distances
 from driftloss._field import drift_from_affinity
 from driftloss._kernel import affinity, effective_neighbours
@@ -32,8 +31,19 @@ class DriftOptions:
 
 
 def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
-                  *, xp: Any, matmul: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """Drift of every generated sample, summed over temperatures.
+                  *, xp: Any, matmul: Any, device: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``reference_drift``, or the backend's faster equivalent when it has one (torch, JAX)."""
+    fast = backend_for(xp).compute_drift
+    if fast is not None:
+        out = fast(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device)
+        if out is not None:
+            return out
+    return reference_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device)
+
+
+def reference_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
+                    *, xp: Any, matmul: Any, device: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Drift of every generated sample, summed over temperatures (the reference computation).
 
     x [..., N, D], pos [..., P, D], neg [..., M, D] or None, all in the compute dtype and
     already cut from the autodiff graph; weights = (x_w [..., N], neg_w [..., M] or None,
@@ -55,7 +65,7 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
     dist = pairwise_distances(x, y, xp=xp, matmul=matmul)  # [..., N, J]
     self_mask = None
     if opts.x_as_negatives:
-        dev = _device(x)
+        dev = device(x)
         rows = xp.expand_dims(xp.arange(n, device=dev), axis=-1)
         self_mask = rows == xp.expand_dims(xp.arange(y.shape[-2], device=dev), axis=-2)  # [N, J]
         dist = xp.where(self_mask, 0.0, dist)  # exact zero where the Gram form leaves rounding
@@ -87,7 +97,7 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
         a = affinity(-dist_hat / tau, w, kernel=opts.kernel, floor=opts.affinity_floor, xp=xp)
         f = drift_from_affinity(a, yc, xc, n_neg=n_neg, attraction=opts.attraction,
                                 repulsion=opts.repulsion, xp=xp, matmul=matmul) / s
-        ms = _global_mean_square(f, opts.cross_replica_sum, xp)
+        ms = _global_mean_square(f, opts.cross_replica_sum, xp, device)
         term = f / xp.sqrt(xp.clip(ms, min=RMS_FLOOR_SQ)) if opts.normalize else f
         v = term if v is None else v + term
         if opts.with_stats:
@@ -98,17 +108,17 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
     if opts.with_stats:
         stats = {
             "scale": scale,
-            "feature_scale": xp.asarray(s, dtype=x.dtype, device=_device(x)),
+            "feature_scale": xp.asarray(s, dtype=x.dtype, device=device(x)),
             "drift_rms": xp.stack(rms),
             "neighbours": xp.stack(neighbours),
         }
     return v, s, stats
 
 
-def _global_mean_square(f: Any, cross_replica_sum: Any, xp: Any) -> Any:
+def _global_mean_square(f: Any, cross_replica_sum: Any, xp: Any, device: Any) -> Any:
     """mean(f**2) over all problems, rows and dims, across replicas when a sum is given."""
     if cross_replica_sum is None:
         return xp.mean(f * f)
-    count = xp.asarray(float(math.prod(f.shape)), dtype=f.dtype, device=_device(f))
+    count = xp.asarray(float(math.prod(f.shape)), dtype=f.dtype, device=device(f))
     sums = cross_replica_sum(xp.stack([xp.sum(f * f), count]))
     return sums[0] / sums[1]

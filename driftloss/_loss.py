@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from array_api_compat import is_numpy_namespace
-
-from driftloss._arrays import check_real_floating, compute_dtype, resolve_namespace
+from driftloss._arrays import check_real_floating, check_same_device, compute_dtype, resolve_namespace
 from driftloss._backends import backend_for
 from driftloss._drift import DriftOptions, compute_drift
 from driftloss._validation import as_taus, check_options, check_points, check_weight
@@ -63,9 +62,12 @@ def drifting_loss(
            per row, averaged: the effective number of neighbours).
       cross_replica_sum: for data-parallel training, a function that sums a small array over all
            replicas (torch.distributed all_reduce, jax.lax.psum). S and lambda then come from the
-           global batch, so R replicas compute exactly the single-device loss (whose gradient
-           the usual gradient averaging then reproduces). The adapters build it from a process
-           group or an axis name.
+           global batch, so R replicas that each hold some of the problems (leading dims)
+           compute exactly the single-device loss; averaging gradients over replicas (DDP) then
+           gives the single-device gradient. With torch.distributed initialized the torch path
+           does this automatically (pass ``lambda a: a`` to keep statistics local);
+           ``driftloss.adapters.jax.drifting_loss(..., axis_name=...)`` does it under
+           shard_map/pmap.
       xp: Array API namespace; inferred from the inputs when None.
 
     Leading dims ``...`` index independent kernel problems that share S and lambda (DESIGN §2).
@@ -91,9 +93,8 @@ def drifting_loss(
         loss = xp.sum(per_problem)
     else:
         loss = per_problem
-    if is_numpy_namespace(xp):  # NumPy reductions give scalars; the contract is arrays
-        loss = xp.asarray(loss)
-        stats = {k: xp.asarray(v) for k, v in stats.items()}
+    loss = be.as_array(loss)
+    stats = {k: be.as_array(v) for k, v in stats.items()}
     return (loss, stats) if return_stats else loss
 
 
@@ -131,8 +132,8 @@ def drift_field(
     opts = DriftOptions(taus=as_taus(fn, tau), x_as_negatives=x_as_negatives, normalize=normalize,
                         kernel=kernel, affinity_floor=affinity_floor, attraction=attraction,
                         repulsion=repulsion, with_stats=return_stats, cross_replica_sum=cross_replica_sum)
-    _, _, _, v, _, stats = _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
-    return (v, stats) if return_stats else v
+    _, be, _, v, _, stats = _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
+    return (v, {k: be.as_array(a) for k, a in stats.items()}) if return_stats else v
 
 
 def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp):
@@ -143,13 +144,16 @@ def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, 
     arrays = {"x": x, "pos": pos, "neg": neg, "x_weight": x_weight, "pos_weight": pos_weight,
               "neg_weight": neg_weight}
     xp = resolve_namespace(fn, arrays, xp)
+    be = backend_for(xp)
+    check_same_device(fn, arrays, be.device)
     check_real_floating(fn, xp, {"x": x, "pos": pos, "neg": neg})
     check_points(fn, x, pos, neg, x_as_negatives=opts.x_as_negatives)
-    be = backend_for(xp)
     for name, w, pts, pts_name in (("x_weight", x_weight, x, "x"), ("pos_weight", pos_weight, pos, "pos"),
                                    ("neg_weight", neg_weight, neg, "neg")):
-        check_weight(fn, name, w, pts, pts_name, xp, concrete=w is not None and be.is_concrete(w))
+        check_weight(fn, name, w, pts, pts_name, xp, be.is_concrete)
 
+    if opts.cross_replica_sum is None:
+        opts = dataclasses.replace(opts, cross_replica_sum=be.default_replica_sum())
     cd = compute_dtype(xp, [x, pos, neg])
     matmul = be.matmul or xp.matmul
     xq = xp.astype(x, cd)
@@ -160,7 +164,7 @@ def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, 
             None if pts is None else _full_weight(w, pts, cd, xp, be)
             for w, pts in ((x_weight, x), (neg_weight, neg), (pos_weight, pos))
         )
-        v, s, stats = compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=matmul)
+        v, s, stats = compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=matmul, device=be.device)
     return xp, be, xq, v, s, stats
 
 
@@ -168,7 +172,5 @@ def _full_weight(w, points, dtype, xp, be):
     """Column weight broadcast to points.shape[:-1] in ``dtype``; ones when None."""
     shape = tuple(points.shape[:-1])
     if w is None:
-        import array_api_compat
-
-        return xp.ones(shape, dtype=dtype, device=array_api_compat.device(points))
+        return xp.ones(shape, dtype=dtype, device=be.device(points))
     return xp.broadcast_to(be.stop_gradient(xp.astype(w, dtype)), shape)

@@ -34,7 +34,8 @@ def check_points(fn: str, x: Any, pos: Any, neg: Any, *, x_as_negatives: bool) -
     if D == 0:
         raise ValueError(f"{fn}: D must be at least 1; got x.shape={tuple(x.shape)}")
     if pos.shape[-2] == 0:
-        raise ValueError(f"{fn}: pos is empty (pos.shape={tuple(pos.shape)}); at least one positive is needed")
+        raise ValueError(
+            f"{fn}: pos is empty (pos.shape={tuple(pos.shape)}); at least one positive is needed")
     N = x.shape[-2]
     M = 0 if neg is None else neg.shape[-2]
     if N == 0:
@@ -45,11 +46,16 @@ def check_points(fn: str, x: Any, pos: Any, neg: Any, *, x_as_negatives: bool) -
             "excluding each sample itself, so it needs N >= 2 (or pass neg)"
         )
     if not x_as_negatives and M == 0:
-        raise ValueError(f"{fn}: x_as_negatives=False needs a non-empty neg (got neg={None if neg is None else tuple(neg.shape)})")
+        got = None if neg is None else tuple(neg.shape)
+        raise ValueError(f"{fn}: x_as_negatives=False needs a non-empty neg (got neg={got})")
 
 
-def check_weight(fn: str, name: str, w: Any, points: Any, points_name: str, xp: Any, concrete: bool) -> None:
-    """A column weight: shape [..., n] broadcastable to points.shape[:-1], non-negative."""
+def check_weight(fn: str, name: str, w: Any, points: Any, points_name: str, xp: Any,
+                 is_concrete: Any) -> None:
+    """A column weight: shape [..., n] broadcastable to points.shape[:-1], non-negative.
+
+    The sign is checked only where the values can be read (not under jit, compile or vmap).
+    """
     if w is None:
         return
     if points is None:
@@ -66,7 +72,8 @@ def check_weight(fn: str, name: str, w: Any, points: Any, points_name: str, xp: 
         )
     if not xp.isdtype(w.dtype, "real floating"):
         raise TypeError(f"{fn}: {name} must have a real floating dtype; got {w.dtype}")
-    if concrete and bool(xp.any(w < 0)):
+    negative = xp.any(w < 0)
+    if is_concrete(negative) and bool(negative):
         raise ValueError(f"{fn}: {name} must be non-negative; got a minimum of {float(xp.min(w))}")
 
 
@@ -79,7 +86,8 @@ def as_taus(fn: str, taus: Any) -> tuple[float, ...]:
     try:
         out = tuple(float(t) for t in taus)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{fn}: taus must be concrete numbers (they are static hyperparameters); got {taus!r}") from e
+        raise TypeError(
+            f"{fn}: taus must be concrete numbers (they are static hyperparameters); got {taus!r}") from e
     if not out:
         raise ValueError(f"{fn}: taus is empty; give at least one temperature")
     bad = [t for t in out if not (t > 0 and math.isfinite(t))]

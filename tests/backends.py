@@ -8,8 +8,9 @@ backend has autodiff / a compiler.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,11 @@ class Backend:
     grad: Callable[[Callable, Any], Any] | None = None   # grad(f, x) of scalar f at x, as backend array
     compile: Callable[[Callable], Callable] | None = None
     has_autodiff: bool = False
+    # run(f, *arrays, **kw) = f(*arrays, **kw); JAX jits f per set of non-array options, since
+    # eager JAX compiles every op anew for each new shape (seconds per call in property tests).
+    run: Callable[..., Any] = lambda f, *args, **kw: f(*args, **kw)
+    # grad_of(f, x, *args, **kw): d f(x, *args, **kw) / dx, jitted and cached like ``run`` on JAX.
+    grad_of: Callable[..., Any] | None = None
 
 
 def _numpy() -> Backend:
@@ -65,13 +71,18 @@ def _torch() -> Backend:
         f(x).backward()
         return x.grad
 
+    def grad_of(f, x, *args, **kw):
+        return grad(lambda xx: f(xx, *args, **kw), x)
+
     def compile_(f):
         return torch.compile(f, fullgraph=True, dynamic=False)
 
-    return Backend("torch", xp, asarray, to_numpy, grad, compile_, True)
+    return Backend("torch", xp, asarray, to_numpy, grad, compile_, True, grad_of=grad_of)
 
 
 def _jax() -> Backend:
+    # Two host devices: mixed-device errors and sharded (multi-replica) runs are testable on CPU.
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -80,7 +91,32 @@ def _jax() -> Backend:
     def asarray(a, dtype=None):
         return jnp.asarray(np.asarray(a, dtype=dtype))
 
-    return Backend("jax", jnp, asarray, lambda a: np.asarray(a), lambda f, x: jax.grad(f)(x), jax.jit, True)
+    jitted: dict = {}
+
+    def cached(f, wrap, args, kw):
+        arrays = {k: v for k, v in kw.items() if isinstance(v, (jax.Array, np.ndarray))}
+        static = tuple(sorted((k, v) for k, v in kw.items() if k not in arrays))
+        key = (f, wrap, static, tuple(sorted(arrays)))
+        if key not in jitted:
+            jitted[key] = jax.jit(wrap(lambda a, kw_arrays: f(*a, **kw_arrays, **dict(static))))
+        return jitted[key](args, arrays)
+
+    def as_is(g):
+        return g
+
+    def wrt_first(g):
+        return lambda a, kw_arrays: jax.grad(lambda x: g((x, *a[1:]), kw_arrays))(a[0])
+
+    def run(f, *args, **kw):
+        return cached(f, as_is, args, kw)
+
+    def grad_of(f, x, *args, **kw):
+        return cached(f, wrt_first, (x, *args), kw)
+
+    def grad(f, x):
+        return jax.jit(jax.grad(f))(x)
+
+    return Backend("jax", jnp, asarray, lambda a: np.asarray(a), grad, jax.jit, True, run, grad_of)
 
 
 B: Backend = {"numpy": _numpy, "strict": _strict, "torch": _torch, "jax": _jax}[NAME]()

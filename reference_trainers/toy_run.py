@@ -1,0 +1,106 @@
+"""What the torch and JAX toy trainers share: the run record, the (target, init) loop, and the outputs.
+
+A trainer provides ``train(cfg) -> ToyRun`` for one target and init; ``run_all`` expands "all",
+calls it for each combination, and writes (per combination, to ``out`` or ``out/<target>-<init>``):
+  samples.png      generated samples (EMA generator) at several steps, target in grey
+  drift.png        attraction / repulsion / total drift at generated points early in training
+  curves.png       loss and unnormalized drift RMS per tau
+  metrics.json     energy distance, MMD, modes covered (+ the same for two target samples), throughput
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from reference_trainers import toy_plots
+from reference_trainers.sample_metrics import sample_metrics
+from reference_trainers.toy_config import ToyConfig
+from reference_trainers.toy_data import INITS, TARGETS, eval_batch, make_target
+
+
+@dataclass
+class ToyRun:
+    """Everything one training run produced (NumPy; what the outputs are made of).
+
+    loss [steps], drift_rms [steps, T], neighbours [steps, T]; snapshots: (step, samples [n, 2]);
+    quiver: (step, x [n, 2], V+ [n, 2], V- [n, 2], pos [m, 2]) or None; metrics: see sample_metrics.
+    """
+
+    loss: list = field(default_factory=list)
+    drift_rms: list = field(default_factory=list)
+    neighbours: list = field(default_factory=list)
+    snapshots: list = field(default_factory=list)
+    quiver: tuple | None = None
+    metrics: dict = field(default_factory=dict)
+    samples_per_s: float = 0.0
+
+
+def snapshot_steps(cfg: ToyConfig) -> list[int]:
+    """Steps at which the EMA generator's samples are kept for samples.png (first and last included)."""
+    return sorted({int(round(s)) for s in np.linspace(0, cfg.steps, max(cfg.snapshots, 2))})
+
+
+def quiver_step(cfg: ToyConfig) -> int:
+    """The step whose drift drift.png shows: the first snapshot after step 0 (things are moving)."""
+    return snapshot_steps(cfg)[1]
+
+
+def evaluate(cfg: ToyConfig, generate: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Metrics of ``generate(noise [n, noise_dim]) -> samples [n, 2]`` against held-out target samples."""
+    target = make_target(cfg.target)
+    noise, held_out, reference = eval_batch(target, cfg.seed, cfg.eval_samples, cfg.noise_dim)
+    return sample_metrics(generate(noise), held_out, reference, target)
+
+
+def log_line(step: int, loss: float, drift_rms: list, neighbours: list, samples_per_s: float) -> str:
+    """One diagnostics line: loss, per-tau unnormalized drift RMS and effective neighbours, throughput."""
+    rms = " ".join(f"{v:.3g}" for v in drift_rms)
+    nb = " ".join(f"{v:.3g}" for v in neighbours)
+    return f"step {step} loss {loss:.4f} drift_rms [{rms}] neighbours [{nb}] samples/s {samples_per_s:.0f}"
+
+
+def write_outputs(cfg: ToyConfig, run: ToyRun, out: str, framework: str) -> None:
+    """metrics.json and (if cfg.plots) the three figures for one run."""
+    os.makedirs(out, exist_ok=True)
+    record = {**run.metrics, "samples_per_s": run.samples_per_s, "framework": framework,
+              "config": dataclasses.asdict(cfg)}
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    if not cfg.plots:
+        return
+    target_pts = make_target(cfg.target).sample(np.random.default_rng([cfg.seed, 2**61]), 2000)
+    title = f"{cfg.target}, {cfg.init} init ({framework})"
+    toy_plots.plot_snapshots(run.snapshots, target_pts, os.path.join(out, "samples.png"), title)
+    toy_plots.plot_curves(np.asarray(run.loss), np.asarray(run.drift_rms), cfg.taus,
+                          os.path.join(out, "curves.png"), title)
+    if run.quiver is not None:
+        step, x, v_plus, v_minus, pos = run.quiver
+        toy_plots.plot_drift_quiver(x, v_plus, v_minus, pos, os.path.join(out, "drift.png"),
+                                    f"{title}: drift at step {step} (unnormalized, summed over taus)")
+
+
+def run_all(cfg: ToyConfig, train: Callable[[ToyConfig], ToyRun], framework: str) -> dict:
+    """Train every requested (target, init); write outputs; return {"target/init": metrics}."""
+    targets = TARGETS if cfg.target == "all" else (cfg.target,)
+    inits = INITS if cfg.init == "all" else (cfg.init,)
+    single = len(targets) * len(inits) == 1
+    summary = {}
+    for target in targets:
+        for init in inits:
+            out = cfg.out if single else os.path.join(cfg.out, f"{target}-{init}")
+            one = dataclasses.replace(cfg, target=target, init=init, out=out)
+            run = train(one)
+            write_outputs(one, run, out, framework)
+            summary[f"{target}/{init}"] = run.metrics
+            print(f"{target}/{init}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in run.metrics.items()))
+    if not single:
+        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

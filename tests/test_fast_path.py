@@ -1,0 +1,259 @@
+"""The fast drift (driftloss/_fast_drift.py) equals the reference (driftloss/_drift.py), blocked or not.
+
+``fast_drift`` is written on the Array API, so its equality with ``reference_drift`` is checked on
+every backend. On torch and JAX the public ``drifting_loss`` dispatches to it through the
+``Backend.compute_drift`` hook; there the loss and its gradient are compared with the same call
+routed to the reference (eager and compiled), including with small blocks that split problems
+and rows. Tolerances (relative): 1e-10 in float64, 1e-5 in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+
+import numpy as np
+import pytest
+from backends import B
+
+from driftloss import drifting_loss
+from driftloss._backends import backend_for
+from driftloss._drift import DriftOptions
+from driftloss._drift import reference_drift as _reference_drift
+from driftloss._fast_drift import fast_drift as _fast_drift
+
+TOL = {np.float64: 1e-10, np.float32: 1e-5}
+HAS_HOOK = B.name in ("torch", "jax")
+ADAPTER = {"torch": "driftloss.adapters.torch", "jax": "driftloss.adapters.jax"}.get(B.name)
+FAST = {"torch": "driftloss.adapters.torch_fast", "jax": "driftloss.adapters.jax_fast"}.get(B.name)
+needs_hook = pytest.mark.skipif(not HAS_HOOK, reason=f"{B.name} has no fast-path hook (runs the reference)")
+
+
+def reference_drift(*args, **kwargs):
+    return _reference_drift(*args, device=backend_for(B.xp).device, **kwargs)
+
+
+def fast_drift(*args, **kwargs):
+    return _fast_drift(*args, device=backend_for(B.xp).device, **kwargs)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def _problem(seed, *, lead=(2, 3), n=7, p=5, m=4, d=3, with_neg=True, dtype=np.float64):
+    """Random points with an offset (exercises the centring) and random non-negative weights."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(*lead, n, d)) + 3.0
+    pos = rng.normal(size=(*lead, p, d)) * 1.5 + 3.5
+    neg = rng.normal(size=(*lead, m, d)) + 2.0 if with_neg else None
+    w = (rng.uniform(0.5, 2.0, (*lead, n)), rng.uniform(0.0, 2.0, (*lead, m)) if with_neg else None,
+         rng.uniform(0.5, 2.0, (*lead, p)))
+    cast = (lambda a: None if a is None else B.asarray(a, dtype))  # noqa: E731
+    return cast(x), cast(pos), cast(neg), tuple(cast(a) for a in w)
+
+
+OPTION_GRID = [
+    dict(kernel=k, affinity_floor=f, x_as_negatives=xn, normalize=nz, attraction=a, repulsion=r,
+         with_neg=wn)
+    for k, f, xn, nz, (a, r), wn in itertools.product(
+        ("both", "y", "none"), (0.0, 1e-6), (True, False), (True, False), ((1.0, 1.0), (1.5, 0.5)),
+        (True, False))
+    if xn or wn
+]
+
+
+def _options(case, *, stats=False, crs=None):
+    taus = (0.02, 0.05, 0.2) if case["normalize"] else (0.5, 1.0)
+    return DriftOptions(taus=taus, x_as_negatives=case["x_as_negatives"], normalize=case["normalize"],
+                        kernel=case["kernel"], affinity_floor=case["affinity_floor"],
+                        attraction=case["attraction"], repulsion=case["repulsion"], with_stats=stats,
+                        cross_replica_sum=crs)
+
+
+def _matmul():
+    be = importlib.import_module(ADAPTER).BACKEND if HAS_HOOK else None
+    return (be.matmul if be is not None and be.matmul is not None else B.xp.matmul)
+
+
+# Block budgets (entries of [problems, T, rows, J]; a row of the default problem has T*J = 48):
+# everything in one block, one whole problem per block, one problem split into 3-row blocks.
+BLOCKS = (1 << 24, 400, 150)
+
+
+@pytest.mark.parametrize("case", OPTION_GRID, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_fast_drift_equals_reference_float64(case):
+    x, pos, neg, w = _problem(0, with_neg=case["with_neg"])
+    opts = _options(case, stats=True)
+    v_ref, s_ref, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    for block in BLOCKS:
+        v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block)
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, block
+        assert float(s) == pytest.approx(float(s_ref), rel=1e-12)
+        for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
+            assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, (key, block)
+
+
+@pytest.mark.parametrize("kernel", ["both", "y", "none"])
+@pytest.mark.parametrize("floor", [0.0, 1e-6])
+def test_fast_drift_equals_reference_float32(kernel, floor):
+    x, pos, neg, w = _problem(1, lead=(4,), n=24, p=32, m=8, d=16, dtype=np.float32)
+    opts = DriftOptions(taus=(0.02, 0.05, 0.2), kernel=kernel, affinity_floor=floor)
+    v_ref, _, _ = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    v_one, _, _ = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    v_blk, _, _ = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=500)
+    assert v_one.dtype == v_ref.dtype
+    assert _rel(B.to_numpy(v_one), B.to_numpy(v_ref)) < 1e-5
+    assert _rel(B.to_numpy(v_blk), B.to_numpy(v_one)) < 1e-5
+
+
+def test_blocked_equals_unblocked_with_coincident_points_and_one_sample():
+    """Duplicated points (zero distances off the diagonal) and N = 1 with extra negatives.
+
+    A zero distance from the Gram form is sqrt of a rounding residue (~1e-8 in float64) that
+    depends on the centring and the block shape, hence 1e-7 for the duplicated points.
+    """
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(3, 6, 4))
+    x = B.asarray(np.concatenate([base, base[:, :2]], axis=1))  # 8 rows, two repeated
+    pos = B.asarray(np.concatenate([base[:, :3], rng.normal(size=(3, 5, 4))], axis=1))
+    ones = (B.asarray(np.ones((3, 8))), None, B.asarray(np.ones((3, 8))))
+    opts = DriftOptions(taus=(0.02, 0.05, 0.2))
+    v_ref, _, _ = reference_drift(x, pos, None, ones, opts, xp=B.xp, matmul=_matmul())
+    for block in BLOCKS:
+        v, _, _ = fast_drift(x, pos, None, ones, opts, xp=B.xp, matmul=_matmul(), block_elements=block)
+        assert np.all(np.isfinite(B.to_numpy(v)))
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-7
+    x1, neg1 = B.asarray(rng.normal(size=(2, 1, 4))), B.asarray(rng.normal(size=(2, 3, 4)))
+    pos1 = B.asarray(rng.normal(size=(2, 2, 4)))
+    w1 = (B.asarray(np.ones((2, 1))), B.asarray(np.ones((2, 3))), B.asarray(np.ones((2, 2))))
+    v_ref, _, _ = reference_drift(x1, pos1, neg1, w1, opts, xp=B.xp, matmul=_matmul())
+    for block in BLOCKS:
+        v, _, _ = fast_drift(x1, pos1, neg1, w1, opts, xp=B.xp, matmul=_matmul(), block_elements=block)
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
+
+
+def test_cross_replica_sum_matches_reference():
+    """Two identical replicas (sum = 2x) give the single-device drift on both paths."""
+    x, pos, neg, w = _problem(3)
+    calls = []
+
+    def twice(a):
+        calls.append(tuple(a.shape))
+        return a + a
+
+    opts = DriftOptions(taus=(0.02, 0.05, 0.2), cross_replica_sum=twice)
+    v_ref, _, _ = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    v, _, _ = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=20)
+    assert calls and _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
+
+
+# ---- the public loss on torch / JAX: dispatch, loss and gradient against the reference ----------
+
+def _on_reference(fn):
+    """fn() with the backend's fast path switched off (the adapter's BACKEND without the hook)."""
+    module = importlib.import_module(ADAPTER)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "BACKEND", dataclasses.replace(module.BACKEND, compute_drift=None))
+        return fn()
+
+
+def _loss_fn(pos, neg, w, **options):
+    x_w, neg_w, pos_w = w
+    return lambda x: drifting_loss(x, pos, neg, x_weight=x_w, neg_weight=neg_w, pos_weight=pos_w,
+                                   xp=B.xp, **options)
+
+
+def _loss_and_grad(f, x, compiled=False):
+    g = B.compile(f) if compiled else f
+    return B.to_numpy(g(x)), B.to_numpy(B.grad(g, x))
+
+
+@needs_hook
+def test_public_loss_dispatches_to_fast_path():
+    module = importlib.import_module(ADAPTER)
+    hook, seen = module.BACKEND.compute_drift, []
+
+    def spy(*args, **kwargs):
+        seen.append(True)
+        return hook(*args, **kwargs)
+
+    x, pos, neg, w = _problem(4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "BACKEND", dataclasses.replace(module.BACKEND, compute_drift=spy))
+        drifting_loss(x, pos, neg, xp=B.xp)
+    assert seen
+
+
+CASES = [
+    dict(),
+    dict(kernel="y"),
+    dict(kernel="none", normalize=False, taus=(0.5, 1.0)),
+    dict(affinity_floor=1e-6),
+    dict(attraction=1.5, repulsion=0.5),
+    dict(x_as_negatives=False),
+    dict(normalize=False, taus=0.3),
+    dict(reduction="none"),
+]
+
+
+@needs_hook
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("options", CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "-")
+def test_public_loss_and_gradient_equal_reference(options, dtype):
+    x, pos, neg, w = _problem(5, lead=(3,), n=12, p=16, m=5, d=8, dtype=dtype)
+    options = dict(options)
+    reduce = options.get("reduction") == "none"
+    f = _loss_fn(pos, neg, w, **options)
+    scalar = (lambda x: B.xp.sum(f(x))) if reduce else f
+    loss, grad = _loss_and_grad(scalar, x)
+    loss_ref, grad_ref = _on_reference(lambda: _loss_and_grad(scalar, x))
+    assert np.isfinite(loss) and _rel(loss, loss_ref) < TOL[dtype]
+    assert _rel(grad, grad_ref) < TOL[dtype]
+    if reduce:
+        assert _rel(B.to_numpy(f(x)), _on_reference(lambda: B.to_numpy(f(x)))) < TOL[dtype]
+
+
+@needs_hook
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_blocked_public_loss_equals_unblocked_eager_and_compiled(dtype):
+    """Small blocks (rows split, three passes) give the unblocked loss and gradient, also compiled."""
+    x, pos, neg, w = _problem(6, lead=(2,), n=10, p=8, m=3, d=5, dtype=dtype)
+    f = _loss_fn(pos, neg, w, return_stats=False)
+    loss, grad = _loss_and_grad(f, x)
+    fast = importlib.import_module(FAST)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("CPU_BLOCK_ELEMENTS", "CUDA_BLOCK_ELEMENTS", "ACCELERATOR_BLOCK_ELEMENTS"):
+            if hasattr(fast, name):
+                mp.setattr(fast, name, 3 * 21 * 5)  # 5 of 10 rows per block
+        loss_b, grad_b = _loss_and_grad(f, x)
+        loss_c, grad_c = _loss_and_grad(_loss_fn(pos, neg, w), x, compiled=True)
+    loss_ref, grad_ref = _on_reference(lambda: _loss_and_grad(f, x))
+    for lo, gr in ((loss, grad), (loss_b, grad_b), (loss_c, grad_c)):
+        assert _rel(lo, loss_ref) < TOL[dtype] and _rel(gr, grad_ref) < TOL[dtype]
+
+
+@needs_hook
+def test_stats_equal_reference():
+    x, pos, neg, w = _problem(7)
+    f = _loss_fn(pos, neg, w, return_stats=True)
+    loss, st = f(x)
+    loss_ref, st_ref = _on_reference(lambda: f(x))
+    assert _rel(B.to_numpy(loss), B.to_numpy(loss_ref)) < 1e-10
+    assert set(st) == set(st_ref)
+    for key in st:
+        assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, key
+
+
+@pytest.mark.skipif(B.name != "jax", reason="jax.vmap is JAX-only")
+def test_fast_path_under_vmap_equals_reference():
+    import jax
+
+    x, pos, neg, w = _problem(8, lead=(4,), n=9, p=6, m=3, d=4)
+    f = jax.jit(jax.vmap(jax.value_and_grad(lambda x, p, q: drifting_loss(x, p, q, xp=B.xp))))
+    loss, grad = f(x, pos, neg)
+    loss_ref, grad_ref = _on_reference(
+        lambda: jax.vmap(jax.value_and_grad(lambda x, p, q: drifting_loss(x, p, q, xp=B.xp)))(x, pos, neg))
+    assert _rel(loss, loss_ref) < 1e-10 and _rel(grad, grad_ref) < 1e-10
