@@ -152,7 +152,7 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, eqx.nn.MLP, eqx.nn.MLP]:
     for step in bar:
         noise, real = step_batch(target, cfg.seed, step, cfg.n_gen, cfg.n_pos, cfg.noise_dim)
         model, ema, opt_state, loss, stats, x = train_step(model, ema, opt_state, jnp.asarray(noise),
-                                                           jnp.asarray(real), learning_rate(cfg, step))
+                                               jnp.asarray(real), jnp.float32(learning_rate(cfg, step)))
         run.loss.append(float(loss))
         run.drift_rms.append(np.asarray(stats["drift_rms"]).tolist())
         run.neighbours.append(np.asarray(stats["neighbours"]).tolist())

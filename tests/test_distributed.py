@@ -78,10 +78,9 @@ def test_jax_shard_map_equals_single_device():
         pytest.skip("shard_map runs in the jax env")
     import jax
     import jax.numpy as jnp
+    from driftloss.adapters.jax import drifting_loss
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as Spec
-
-    from driftloss.adapters.jax import drifting_loss
 
     assert len(jax.devices()) >= 2, "tests/backends.py asks XLA for 2 host devices"
     shard_map = getattr(jax, "shard_map", None)

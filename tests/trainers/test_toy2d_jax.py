@@ -19,7 +19,8 @@ def test_initialization_places_the_outputs():
 
 def test_short_run_learns_the_bimodal_target(tmp_path):
     cfg = ToyConfig(target="bimodal", init="between", steps=200, snapshots=3, ema_decay=0.9,
-                    **{**SMALL, "n_gen": 128, "n_pos": 128, "eval_samples": 500, "plots": True}, out=str(tmp_path))
+                    **{**SMALL, "n_gen": 128, "n_pos": 128, "eval_samples": 500, "plots": True},
+                    out=str(tmp_path))
     summary = toy2d_jax.run_all(cfg, lambda c: toy2d_jax.train(c)[0], framework="jax")
     m = summary["bimodal/between"]
     assert m["modes_covered"] == 2
