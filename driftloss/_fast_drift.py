@@ -181,8 +181,7 @@ class _Context:
         half = 0.5 if opts.kernel == "both" else 1.0
         rates = xp.asarray([half / t for t in taus], dtype=dt, device=dev)
         self.rate = xp.reshape(rates, (1, len(taus), 1, 1))
-        ones = xp.ones((*yc.shape[:-1], 1), dtype=dt, device=dev)
-        self.y_aug = xp.expand_dims(xp.concat([yc, ones], axis=-1), axis=1)  # [L, 1, J, D+1]
+        self.y4 = xp.expand_dims(yc, axis=1)  # [L, 1, J, D]
 
     def self_mask(self, r0: int, r1: int) -> Any:
         """[rows, J] True where row i meets its own column (x counts as negatives), else None."""
@@ -259,15 +258,29 @@ class _Context:
                 k, row_f, col_f = a, None, None
         else:
             neighbours = None
-        col_w = w if col_f is None else col_f * w
-        y_hat = self.y_aug[p0:p1, ...] * xp.matrix_transpose(col_w)  # [p, T or 1, J, D+1]
+        col_w = w if col_f is None else col_f * w  # [p, T or 1, 1, J]
+        y = self.y4[p0:p1, ...]  # [p, 1, J, D]
         nn = self.n_neg
-        z_neg = self.matmul(k[..., :nn], y_hat[..., :nn, :])  # [p, T, rows, D+1]
-        z_pos = self.matmul(k[..., nn:], y_hat[..., nn:, :])
+        # Fold the column factors into whichever operand is smaller: the kernel block or the points.
+        if k.shape[-2] <= y.shape[-1]:
+            kw = k * col_w  # [p, T, rows, J]
+            pb, t, rows, j = kw.shape
+            # Temperatures stacked into the rows of one product (no broadcast copy of the points).
+            kw3 = xp.reshape(kw, (pb, t * rows, j))
+            y3 = self.yc[p0:p1, ...]  # [p, J, D]
+            z_neg = xp.reshape(self.matmul(kw3[..., :nn], y3[..., :nn, :]), (pb, t, rows, -1))
+            z_pos = xp.reshape(self.matmul(kw3[..., nn:], y3[..., nn:, :]), (pb, t, rows, -1))
+            s_neg = xp.sum(kw[..., :nn], axis=-1, keepdims=True)  # [p, T, rows, 1]
+            s_pos = xp.sum(kw[..., nn:], axis=-1, keepdims=True)
+        else:
+            cw = xp.matrix_transpose(col_w)  # [p, T or 1, J, 1]
+            yw = y * cw  # [p, T or 1, J, D]
+            z_neg, z_pos = self.matmul(k[..., :nn], yw[..., :nn, :]), self.matmul(k[..., nn:], yw[..., nn:, :])
+            s_neg, s_pos = self.matmul(k[..., :nn], cw[..., :nn, :]), self.matmul(k[..., nn:], cw[..., nn:, :])
         z_neg, z_pos = _scale(z_neg, row_f), _scale(z_pos, row_f)
-        s_neg, s_pos = z_neg[..., -1:], z_pos[..., -1:]
+        s_neg, s_pos = _scale(s_neg, row_f), _scale(s_pos, row_f)
         a_, r_ = opts.attraction, opts.repulsion
-        f = a_ * (s_neg * z_pos[..., :-1]) - r_ * (s_pos * z_neg[..., :-1])
+        f = a_ * (s_neg * z_pos) - r_ * (s_pos * z_neg)
         if a_ != r_:
             f = f - (a_ - r_) * (s_neg * s_pos) * xp.expand_dims(self.xc[p0:p1, r0:r1, :], axis=1)
         return f, neighbours

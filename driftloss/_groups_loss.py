@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from array_api_compat import array_namespace, is_numpy_namespace
+from array_api_compat import array_namespace
 
 from driftloss._backends import backend_for
 from driftloss._loss import DEFAULT_TAUS, drifting_loss
@@ -85,8 +85,7 @@ def drifting_loss_groups(
         total = loss if total is None else total + loss
         if return_stats:
             stats[name] = {**group_stats, "loss": _detached(loss, xp)}
-    if is_numpy_namespace(xp):
-        total = xp.asarray(total)
+    total = backend_for(xp).as_array(total)  # NumPy reductions give scalars
     return (total, stats) if return_stats else total
 
 

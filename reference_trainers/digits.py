@@ -1,6 +1,6 @@
 """Class-conditional drifting on scikit-learn's 8x8 digits, with guidance (paper §3.4, §3.5, A.5, A.7).
 
-    python -m reference_trainers.digits --out runs/digits                 # drifting, ~10 min on 2 cores
+    python -m reference_trainers.digits --out runs/digits   # drifting; ~9 min measured on 2 busy cores
     python -m reference_trainers.digits --method gan --out runs/digits-gan  # a baseline, same budget
     python -m reference_trainers.digits --resume runs/digits/checkpoint.pt --steps 3000
 

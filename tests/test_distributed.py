@@ -92,15 +92,15 @@ def test_jax_shard_map_equals_single_device():
         return drifting_loss(x, p, q, neg_weight=w, axis_name="r")[None]  # [1] per replica
 
     sharded = shard_map(per_replica, mesh=mesh, in_specs=(Spec("r"),) * 4, out_specs=Spec("r"))
+    args = [jax.device_put(a, NamedSharding(mesh, Spec("r"))) for a in (X, POS, NEG, W)]
 
-    def total(x):
-        return jnp.mean(sharded(x, POS, NEG, W))
+    def total(x, p, q, w):
+        return jnp.mean(sharded(x, p, q, w))
 
     want_loss, want_grad = reference_loss_and_grad(X, POS, NEG, neg_weight=W)
-    assert abs(float(jax.jit(total)(X)) - want_loss) <= 1e-5 * want_loss
-    g = np.asarray(jax.jit(jax.grad(total))(jnp.asarray(X)))
+    assert abs(float(jax.jit(total)(*args)) - want_loss) <= 1e-5 * want_loss
+    g = np.asarray(jax.jit(jax.grad(total))(*args))
     np.testing.assert_allclose(g, want_grad, rtol=1e-4, atol=1e-5 * np.abs(want_grad).max())
     # Globally sharded arrays under plain jit need nothing: the arrays are global.
-    xs = jax.device_put(X, NamedSharding(mesh, Spec("r")))
-    single = jax.jit(lambda x: drifting_loss(x, POS, NEG, neg_weight=W))(xs)
+    single = jax.jit(lambda x, p, q, w: drifting_loss(x, p, q, neg_weight=w))(*args)
     assert abs(float(single) - want_loss) <= 1e-5 * want_loss
