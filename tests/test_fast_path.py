@@ -30,6 +30,13 @@ FAST = {"torch": "driftloss.adapters.torch_fast", "jax": "driftloss.adapters.jax
 needs_hook = pytest.mark.skipif(not HAS_HOOK, reason=f"{B.name} has no fast-path hook (runs the reference)")
 
 
+@pytest.fixture(autouse=True)
+def _always_fast_on_torch_cpu(monkeypatch):
+    """On the CPU torch leaves calls that fit the core to the core; here every call takes the fast path."""
+    if B.name == "torch":
+        monkeypatch.setattr(importlib.import_module(FAST), "CPU_CORE_MAX_KERNEL_ENTRIES", 0)
+
+
 def reference_drift(*args, **kwargs):
     return _reference_drift(*args, device=backend_for(B.xp).device, **kwargs)
 
@@ -185,6 +192,22 @@ def test_public_loss_dispatches_to_fast_path():
         mp.setattr(module, "BACKEND", dataclasses.replace(module.BACKEND, compute_drift=spy))
         drifting_loss(x, pos, neg, xp=B.xp)
     assert seen
+
+
+def test_torch_cpu_leaves_small_calls_to_the_core_and_takes_large_ones(monkeypatch):
+    if B.name != "torch":
+        pytest.skip("the CPU size rule is torch's (benchmarks/RESULTS.md)")
+    fast = importlib.import_module(FAST)
+    x, pos, neg, w = _problem(6)  # [2, 3] problems x 7 rows x 16 columns = 672 kernel entries
+    opts = DriftOptions(taus=(0.05,))
+    args = (x, pos, neg, w, opts)
+    kw = dict(xp=B.xp, matmul=backend_for(B.xp).matmul, device=backend_for(B.xp).device)
+    monkeypatch.setattr(fast, "CPU_CORE_MAX_KERNEL_ENTRIES", 672)
+    assert fast.compute_drift(*args, **kw) is None
+    monkeypatch.setattr(fast, "CPU_CORE_MAX_KERNEL_ENTRIES", 671)
+    v, _, _ = fast.compute_drift(*args, **kw)
+    v_ref, _, _ = reference_drift(*args, xp=B.xp, matmul=kw["matmul"])
+    assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
 
 
 CASES = [

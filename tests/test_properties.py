@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 from backends import B
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from reference_loss import reference_drift, reference_loss_and_grad
 
 import driftloss
 
@@ -196,3 +197,30 @@ def test_finite_output_for_finite_input(case, sets, dtype):
     if B.has_autodiff:
         g = B.to_numpy(B.grad_of(driftloss.drifting_loss, *args, taus=taus, **kw))
         assert np.all(np.isfinite(g))
+
+
+@given(point_sets(), KERNELS, st.sampled_from([0.0, 1e-6]))
+def test_same_values_as_the_float64_reference(sets, kernel, floor):
+    # Every backend against one NumPy float64 reference: equal to each other by transitivity.
+    x, pos, neg = sets
+    want, want_grad = reference_loss_and_grad(x, pos, neg, kernel=kernel, affinity_floor=floor)
+    got = loss(x, pos, neg, kernel=kernel, affinity_floor=floor)
+    tol = tolerance(x.shape[-1])
+    np.testing.assert_allclose(got, want, rtol=tol, atol=1e-12)
+    if B.has_autodiff:
+        g = B.to_numpy(B.grad_of(driftloss.drifting_loss, *(B.asarray(a) for a in (x, pos, neg)),
+                                 kernel=kernel, affinity_floor=floor))
+        # Scale of a unit-RMS drift's gradient, 2 / (s * x.size): where lambda hits its floor the
+        # drift is a cancellation residue far below it, and only this absolute scale is meaningful.
+        s_feat = reference_drift(x, pos, neg, kernel=kernel, affinity_floor=floor)[1]
+        np.testing.assert_allclose(g, want_grad, rtol=tol, atol=tol * 2 / (s_feat * x.size))
+
+
+@pytest.mark.skipif(B.compile is None, reason=f"{B.name} has no compiler")
+@settings(max_examples=4)  # each new shape compiles anew (torch.compile takes seconds)
+@given(point_sets())
+def test_compiled_equals_eager(sets):
+    args = [B.asarray(a) for a in sets]
+    eager = float(B.to_numpy(driftloss.drifting_loss(*args)))
+    compiled = float(B.to_numpy(B.compile(lambda x, p, q: driftloss.drifting_loss(x, p, q))(*args)))
+    np.testing.assert_allclose(compiled, eager, rtol=1e-9, atol=1e-12)
