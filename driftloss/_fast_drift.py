@@ -275,8 +275,9 @@ class _Context:
         else:
             cw = xp.matrix_transpose(col_w)  # [p, T or 1, J, 1]
             yw = y * cw  # [p, T or 1, J, D]
-            z_neg, z_pos = self.matmul(k[..., :nn], yw[..., :nn, :]), self.matmul(k[..., nn:], yw[..., nn:, :])
-            s_neg, s_pos = self.matmul(k[..., :nn], cw[..., :nn, :]), self.matmul(k[..., nn:], cw[..., nn:, :])
+            k_neg, k_pos = k[..., :nn], k[..., nn:]
+            z_neg, z_pos = self.matmul(k_neg, yw[..., :nn, :]), self.matmul(k_pos, yw[..., nn:, :])
+            s_neg, s_pos = self.matmul(k_neg, cw[..., :nn, :]), self.matmul(k_pos, cw[..., nn:, :])
         z_neg, z_pos = _scale(z_neg, row_f), _scale(z_pos, row_f)
         s_neg, s_pos = _scale(s_neg, row_f), _scale(s_pos, row_f)
         a_, r_ = opts.attraction, opts.repulsion
