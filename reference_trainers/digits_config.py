@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass
+
+from reference_trainers.dataclass_cli import dataclass_parser
 
 METHODS = ("drifting", "mmd", "gan")
 
@@ -95,19 +96,7 @@ def learning_rate(base: float, cfg: DigitsConfig, step: int) -> float:
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """argparse parser with one flag per DigitsConfig field; unset flags are absent from the result."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    hints = typing.get_type_hints(DigitsConfig)
-    for field in dataclasses.fields(DigitsConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        help_text = f"default: {field.default!r}"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif typing.get_origin(kind) is tuple:
-            parser.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, help=help_text)
-    return parser
+    return dataclass_parser(DigitsConfig, description)
 
 
 def config_from_args(given: dict, base: DigitsConfig | None = None) -> DigitsConfig:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass
+
+from reference_trainers.dataclass_cli import dataclass_parser
 
 
 @dataclass
@@ -69,20 +70,7 @@ def learning_rate(cfg: ToyConfig, step: int) -> float:
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """argparse parser with one flag per ToyConfig field; unset flags are absent from the result."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    hints = typing.get_type_hints(ToyConfig)
-    for field in dataclasses.fields(ToyConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        help_text = f"default: {field.default!r}"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif typing.get_origin(kind) is tuple:
-            elem = typing.get_args(kind)[0]
-            parser.add_argument(flag, type=elem, nargs="+", help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, help=help_text)
-    return parser
+    return dataclass_parser(ToyConfig, description)
 
 
 def config_from_args(given: dict, base: ToyConfig | None = None) -> ToyConfig:
