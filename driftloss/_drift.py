@@ -41,6 +41,20 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
     return reference_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device)
 
 
+def kernel_columns(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
+                   *, xp: Any) -> tuple[Any, Any, int]:
+    """The kernel's columns, negatives first: y [..., J, D] = [x (if x_as_negatives); neg; pos],
+    their weights w [..., J], and the number of negative columns."""
+    x_w, neg_w, pos_w = weights
+    cols = [x] if opts.x_as_negatives else []
+    col_w = [x_w] if opts.x_as_negatives else []
+    if neg is not None:
+        cols.append(neg)
+        col_w.append(neg_w)
+    n_neg = sum(c.shape[-2] for c in cols)
+    return xp.concat([*cols, pos], axis=-2), xp.concat([*col_w, pos_w], axis=-1), n_neg
+
+
 def reference_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
                     *, xp: Any, matmul: Any, device: Any) -> tuple[Any, Any, dict[str, Any]]:
     """Drift of every generated sample, summed over temperatures (the reference computation).
@@ -51,16 +65,8 @@ def reference_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], o
     Returns (V [..., N, D], s, stats): with normalize, V = sum_tau F_tau / lambda_tau in units of
     the feature scale s (0-d array); without, V = sum_tau F_tau in raw units and s = 1.0.
     """
-    x_w, neg_w, pos_w = weights
     n, d_feat = x.shape[-2], x.shape[-1]
-    cols = [x] if opts.x_as_negatives else []
-    col_w = [x_w] if opts.x_as_negatives else []
-    if neg is not None:
-        cols.append(neg)
-        col_w.append(neg_w)
-    n_neg = sum(c.shape[-2] for c in cols)
-    y = xp.concat([*cols, pos], axis=-2)  # [..., J, D], negatives first
-    w = xp.concat([*col_w, pos_w], axis=-1)  # [..., J]
+    y, w, n_neg = kernel_columns(x, pos, neg, weights, opts, xp=xp)
 
     dist = pairwise_distances(x, y, xp=xp, matmul=matmul)  # [..., N, J]
     self_mask = None

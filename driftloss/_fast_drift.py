@@ -28,7 +28,7 @@ from typing import Any
 import array_api_compat
 
 from driftloss._distances import DIRECT_MAX_FEATURES
-from driftloss._drift import RMS_FLOOR_SQ, SCALE_FLOOR, SELF_PENALTY, DriftOptions
+from driftloss._drift import RMS_FLOOR_SQ, SCALE_FLOOR, SELF_PENALTY, DriftOptions, kernel_columns
 
 # Entries of the largest [L_block, T, rows, J] temporary; about 64 MiB per float32 array.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -46,15 +46,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     """
     lead, n, d_feat = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
     n_probs = math.prod(lead)
-    x_w, neg_w, pos_w = weights
-    cols = [x] if opts.x_as_negatives else []
-    col_w = [x_w] if opts.x_as_negatives else []
-    if neg is not None:
-        cols.append(neg)
-        col_w.append(neg_w)
-    n_neg = sum(c.shape[-2] for c in cols)
-    y = xp.concat([*cols, pos], axis=-2)
-    w = xp.concat([*col_w, pos_w], axis=-1)
+    y, w, n_neg = kernel_columns(x, pos, neg, weights, opts, xp=xp)
     j = y.shape[-2]
     x, y, w = (xp.reshape(x, (n_probs, n, d_feat)), xp.reshape(y, (n_probs, j, d_feat)),
                xp.reshape(w, (n_probs, j)))
