@@ -12,7 +12,7 @@ from typing import Any
 
 import array_api_compat.torch as xp_torch
 import torch
-from driftloss.adapters import torch_fast
+from driftloss.adapters import torch_fast, torch_fused
 
 from driftloss._backends import Backend
 from driftloss._loss import DEFAULT_TAUS
@@ -57,6 +57,7 @@ BACKEND = Backend(
     device=lambda a: a.device,
     default_replica_sum=_default_replica_sum,  # array_api_compat.device is not traceable by dynamo
     compute_drift=torch_fast.compute_drift,
+    fused_loss=torch_fused.backend_fused_loss,
 )
 
 

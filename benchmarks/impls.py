@@ -3,9 +3,19 @@
 paper-literal  benchmarks/paper_literal.py (torch, fp32, one call per feature map)
 numpy          driftloss on NumPy (the core): drift_field(normalize=True) gives loss mean(V^2) and
                gradient -2 V / (s * x.size), which is what drifting_loss + autodiff would return
-torch          driftloss.adapters.torch.drifting_loss (the fast path, used automatically) + backward
-torch-core     the same with the fast-path hook switched off (the reference core on torch)
+torch          driftloss.drifting_loss_groups on torch (all groups in one call; one group per call
+               for the single-call scenarios) + backward: what a user runs. On CUDA the fused Triton
+               path (driftloss.adapters.torch_fused) takes it; on CPU the core / blocked path.
+torch:k=v,...  the fused path with other settings: prec=D/L/F (tl.dot input precisions of the
+               distance, lambda and drift products), warps=, bc= (channels per step), work=
+               (channels per work item), stages= (software pipelining depth, lowered
+               automatically where shared memory is short); e.g. torch:prec=tf32x3/tf32/tf32x3
+torch-blocked  the same with the fused hook switched off (the blocked fast drift on torch)
+torch-core     the same with both hooks switched off (the reference core on torch)
 jax, jax-core  driftloss.adapters.jax under jax.jit(jax.value_and_grad(...)), fast path on / off
+reference-cuda  the core in float64 on torch CUDA (the error reference on the GPU; the core is tested
+               against the independent float64 NumPy reference to 1e-10); reference-cuda-blocked,
+               the blocked fast drift in float64 there, where the core's temporaries would not fit
 reference      the core in float64 on NumPy (the error reference); where the core's [N, J]
                temporaries exceed the memory limit, the blocked fast drift in float64 on NumPy, which
                tests/test_fast_path.py checks against the core to 1e-10
@@ -22,7 +32,7 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-IMPLS = ("paper-literal", "numpy", "torch", "torch-core", "jax", "jax-core")
+IMPLS = ("paper-literal", "numpy", "torch", "torch-blocked", "torch-core", "jax", "jax-core")
 
 
 @dataclasses.dataclass
@@ -33,42 +43,90 @@ class Runner:
 
 
 @contextlib.contextmanager
-def fast_path(adapter: str, enabled: bool):
-    """Temporarily switch a framework's fast-path hook off (enabled=False)."""
+def fast_path(adapter: str, enabled: bool, fused: bool | None = None):
+    """Temporarily switch a framework's fast-path hooks off: compute_drift (enabled=False) and
+    fused_loss (fused=False; default: as enabled)."""
     import importlib
 
     module = importlib.import_module(f"driftloss.adapters.{adapter}")
     saved = module.BACKEND
-    if not enabled:
-        module.BACKEND = dataclasses.replace(saved, compute_drift=None)
+    fused = enabled if fused is None else fused
+    changes = {} if enabled else {"compute_drift": None}
+    if not fused and hasattr(saved, "fused_loss"):
+        changes["fused_loss"] = None
+    module.BACKEND = dataclasses.replace(saved, **changes)
     try:
         yield
     finally:
         module.BACKEND = saved
 
 
-def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.AbstractContextManager]:
-    """A runner and the context it must run in."""
-    if impl == "paper-literal":
-        return _paper_literal(scen, device), contextlib.nullcontext()
-    if impl in ("torch", "torch-core"):
-        return _torch(scen, device), fast_path("torch", impl == "torch")
+@contextlib.contextmanager
+def fused_settings(spec: str):
+    """Fused-path settings from 'k=v,...' (prec=D/L/F, warps=, bc=, work=, stages=), restored afterwards."""
+    from driftloss.adapters import torch_fused
+
+    saved = torch_fused.PRECISION, torch_fused.TILING
+    prec, tiling = saved
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=")
+        if key == "prec":
+            d, lam, f = value.split("/")
+            prec = torch_fused.Precision(distances=d, lam=lam, drift=f)
+        elif key in ("warps", "bc", "work", "stages"):
+            field = {"warps": "warps", "bc": "channels_step", "work": "work_channels",
+                     "stages": "stages"}[key]
+            tiling = dataclasses.replace(tiling, **{field: int(value)})
+        else:
+            raise ValueError(f"unknown fused setting {key!r}")
+    torch_fused.PRECISION, torch_fused.TILING = prec, tiling
+    try:
+        yield
+    finally:
+        torch_fused.PRECISION, torch_fused.TILING = saved
+
+
+def context(impl: str) -> contextlib.AbstractContextManager:
+    """A fresh context in which ``impl``'s runner must run (hooks switched, settings applied)."""
+    if impl.startswith("torch:"):
+        return fused_settings(impl.partition(":")[2])
+    if impl in ("torch-blocked", "reference-cuda-blocked"):
+        return fast_path("torch", True, fused=False)
+    if impl in ("torch-core", "reference-cuda"):
+        return fast_path("torch", False)
     if impl in ("jax", "jax-core"):
-        return _jax(scen), fast_path("jax", impl == "jax")
-    if impl == "numpy":
-        return _numpy(scen, np.float32), contextlib.nullcontext()
-    if impl == "reference":
-        return _numpy(scen, np.float64), contextlib.nullcontext()
-    if impl == "reference-blocked":
-        return _numpy(scen, np.float64, blocked=True), contextlib.nullcontext()
-    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
+        return fast_path("jax", impl == "jax")
+    return contextlib.nullcontext()
 
 
-def _torch_inputs(scen: Scenario, device: str):
+def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.AbstractContextManager]:
+    """A runner and the context it must run in (``context(impl)`` gives another)."""
+    if impl == "paper-literal":
+        runner = _paper_literal(scen, device)
+    elif impl in ("torch", "torch-blocked", "torch-core") or impl.startswith("torch:"):
+        runner = _torch(scen, device)
+    elif impl in ("reference-cuda", "reference-cuda-blocked"):
+        runner = _torch(scen, device, dtype="float64")
+    elif impl in ("jax", "jax-core"):
+        runner = _jax(scen)
+    elif impl == "numpy":
+        runner = _numpy(scen, np.float32)
+    elif impl == "reference":
+        runner = _numpy(scen, np.float64)
+    elif impl == "reference-blocked":
+        runner = _numpy(scen, np.float64, blocked=True)
+    else:
+        raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
+    return runner, context(impl)
+
+
+def _torch_inputs(scen: Scenario, device: str, dtype: str = "float32"):
     import torch
 
+    dt = getattr(torch, dtype)
+
     def t(a):
-        return None if a is None else torch.tensor(a, dtype=torch.float32, device=device)
+        return None if a is None else torch.tensor(a, dtype=dt, device=device)
 
     xs = [t(c.x).requires_grad_(True) for c in scen.calls]
     return torch, xs, [t(c.pos) for c in scen.calls], [t(c.neg) for c in scen.calls]
@@ -108,16 +166,25 @@ def _paper_literal(scen: Scenario, device: str) -> Runner:
     return _torch_runner(torch, xs, loss_fn)
 
 
-def _torch(scen: Scenario, device: str) -> Runner:
+def _torch(scen: Scenario, device: str, dtype: str = "float32") -> Runner:
     from driftloss.adapters.torch import drifting_loss
 
-    torch, xs, poss, negs = _torch_inputs(scen, device)
-    weights = [None if c.neg_weight is None else torch.full((c.neg.shape[1],), c.neg_weight, device=device)
-               for c in scen.calls]
+    import driftloss
+
+    torch, xs, poss, negs = _torch_inputs(scen, device, dtype)
+    # One guidance weight vector shared by every group, as drifting_loss_groups receives it.
+    weight = scen.calls[0].neg_weight
+    w = None if weight is None else torch.full((scen.calls[0].neg.shape[1],), weight,
+                                               dtype=getattr(torch, dtype), device=device)
 
     def loss_fn():
-        return sum(drifting_loss(x, p, q, scen.taus, neg_weight=w)
-                   for x, p, q, w in zip(xs, poss, negs, weights, strict=True))
+        if len(xs) == 1:
+            return drifting_loss(xs[0], poss[0], negs[0], scen.taus, neg_weight=w)
+        # calls [L, n, C] -> groups [n, L, C] (views); drifting_loss_groups makes each location a problem.
+        gen = {str(k): x.transpose(0, 1) for k, x in enumerate(xs)}
+        pos = {str(k): p.transpose(0, 1) for k, p in enumerate(poss)}
+        neg = None if negs[0] is None else {str(k): q.transpose(0, 1) for k, q in enumerate(negs)}
+        return driftloss.drifting_loss_groups(gen, pos, neg, scen.taus, neg_weight=w)
 
     return _torch_runner(torch, xs, loss_fn)
 

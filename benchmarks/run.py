@@ -31,7 +31,7 @@ def estimated_peak_bytes(impl: str, scen: scenarios.Scenario) -> float:
     entries = scen.kernel_entries()
     if impl in CORE_LIKE:
         return 12 * 4 * entries
-    if impl == "reference":
+    if impl in ("reference", "reference-cuda"):
         return 12 * 8 * entries
     return 0.0  # blocked: bounded by the block size
 
@@ -81,9 +81,10 @@ def run_one(impl, scen, args, ref):
     if ref is not None:
         row["err_loss"], row["err_grad"] = measure.relative_errors(result, ref)
     if not args.no_memory and args.device == "cuda":  # device allocator statistics: no fresh process needed
-        with ctx:
+        with impls.context(impl):
             mem = measure.probe_peak_memory(runner, args.device, impl)
         row["peak"] = mem.get("peak")
+        row["grad_bytes"] = 4 * sum(c.x.size for c in scen.calls)  # float32 x.grad, held by every impl
     elif not args.no_memory:
         mem = measure.peak_memory_subprocess(scen.name, impl, args.device, args.width_scale)
         row["peak"] = mem.get("peak")
@@ -105,6 +106,8 @@ def table(rows):
         t = r["times"]
         speed = f"{base[r['scenario']] / r['median']:.2f}×" if r["scenario"] in base else "—"
         mem = _fmt_bytes(r.get("peak"))
+        if r.get("peak") is not None and r.get("grad_bytes"):
+            mem += f" ({_fmt_bytes(max(0, r['peak'] - r['grad_bytes']))} besides the gradient)"
         if r.get("tracemalloc_peak"):
             mem += f" (tracemalloc {_fmt_bytes(r['tracemalloc_peak'])})"
         err = (f"{r['err_loss']:.1e} | {r['err_grad']:.1e}" if "err_loss" in r else "— | —")
@@ -131,10 +134,22 @@ def header(args, info, scens):
                                                             f"({s.problems()} problems)" for s in scens),
         "- peak memory: CPU = growth of the resident set during one warm step in a fresh process "
         "(glibc mmap threshold pinned at 128 KiB, VmHWM reset via /proc/self/clear_refs); "
-        "CUDA = torch.cuda.max_memory_allocated above the inputs / JAX peak_bytes_in_use",
-        "- errors: relative to the core in float64 on NumPy (toy-large: the blocked fast drift in float64)",
+        "CUDA = torch.cuda.max_memory_allocated above the inputs during one step, which includes the "
+        "float32 gradient of x (shown apart) / JAX peak_bytes_in_use (process-wide, inputs included)",
+        "- errors: relative to the core in float64 on " + ("torch CUDA" if args.device == "cuda" else "NumPy")
+        + " (toy-large: the blocked fast drift in float64 there)",
     ]
     return "\n".join(lines)
+
+
+def _free_device_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def main(argv=None):
@@ -150,12 +165,24 @@ def main(argv=None):
     for name in args.scenarios:
         scen = scenarios.build(name, args.width_scale)
         scens.append(scen)
-        ref_impl = "reference" if estimated_peak_bytes("reference", scen) <= args.memory_limit_gb * 2**30 \
-            else "reference-blocked"
-        ref_runner, _ = impls.make(ref_impl, scen, "cpu")
-        ref = ref_runner.to_numpy(ref_runner.step())
+        fits = estimated_peak_bytes("reference", scen) <= args.memory_limit_gb * 2**30
+        if args.device == "cuda":  # float64 on the GPU: the host's NumPy would take minutes
+            ref_impl = "reference-cuda" if fits else "reference-cuda-blocked"
+        else:
+            ref_impl = "reference" if fits else "reference-blocked"
+        ref_runner, ref_ctx = impls.make(ref_impl, scen, args.device)
+        with ref_ctx:
+            ref = ref_runner.to_numpy(ref_runner.step())
+        del ref_runner
+        print(json.dumps({"scenario": scen.name, "reference": ref_impl}), file=sys.stderr, flush=True)
         for impl in args.impls:
-            row = run_one(impl, scen, args, ref)
+            try:
+                row = run_one(impl, scen, args, ref)
+            except Exception as e:  # one failing implementation must not cost the others' figures
+                why = f"failed: {type(e).__name__}: {e}"[:300]
+                row = {"scenario": scen.name, "impl": impl, "skipped": why}
+                _free_device_memory(args.device)
+            _free_device_memory(args.device)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "times"}), file=sys.stderr, flush=True)
     text = header(args, info, scens) + "\n\n" + table(rows) + "\n"

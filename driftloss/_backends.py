@@ -37,6 +37,9 @@ class Backend:
     compute_drift         -> a faster drift with ``_drift.compute_drift``'s arguments and results, or
                              None (the reference); it may return None to decline a call it does not
                              support, which then runs the reference
+    fused_loss            -> fused_loss(calls, opts, reduction): the summed loss of several validated
+                             drifting_loss calls, each (x, pos, neg, (x_w, neg_w, pos_w)) with raw
+                             weights, as one differentiable array (torch on CUDA); or None to decline
     """
 
     stop_gradient: Callable[[Any], Any] = _identity
@@ -47,6 +50,7 @@ class Backend:
     as_array: Callable[[Any], Any] = _identity
     default_replica_sum: Callable[[], Any] = lambda: None
     compute_drift: Callable[..., Any] | None = None
+    fused_loss: Callable[..., Any] | None = None
 
 
 _GENERIC = Backend()

@@ -8,8 +8,13 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from driftloss._backends import backend_for
-from driftloss._loss import DEFAULT_TAUS, drifting_loss
-from driftloss._validation import REDUCTIONS
+from driftloss._drift import DriftOptions
+from driftloss._loss import DEFAULT_TAUS, _validated, drifting_loss
+from driftloss._validation import REDUCTIONS, as_taus, check_options
+
+# drifting_loss options the fused path reads (it declines values it does not support).
+_FUSABLE_OPTIONS = frozenset({"normalize", "kernel", "affinity_floor", "attraction", "repulsion",
+                              "x_as_negatives"})
 
 
 def drifting_loss_groups(
@@ -68,6 +73,10 @@ def drifting_loss_groups(
     weights = {k: None if w is None else xp.expand_dims(w, axis=-2)  # [..., n] -> [..., 1, n]
                for k, w in (("x_weight", x_weight), ("pos_weight", pos_weight), ("neg_weight", neg_weight))}
 
+    fused = _fused_total(fn, names, gen, pos, neg, taus, weights, reduction, return_stats, cross_replica_sum,
+                         loss_options, xp)
+    if fused is not None:
+        return fused
     total, stats = None, {}
     for name in names:
         x, p = _locations_first(gen[name], xp), _locations_first(pos[name], xp)
@@ -87,6 +96,32 @@ def drifting_loss_groups(
             stats[name] = {**group_stats, "loss": _detached(loss, xp)}
     total = backend_for(xp).as_array(total)  # NumPy reductions give scalars
     return (total, stats) if return_stats else total
+
+
+def _fused_total(fn, names, gen, pos, neg, taus, weights, reduction, return_stats, cross_replica_sum,
+                 loss_options, xp):
+    """Every group in one fused evaluation where the backend has one (torch on CUDA), else None."""
+    be = backend_for(xp)
+    if be.fused_loss is None or return_stats or reduction == "none":
+        return None
+    try:
+        opts = DriftOptions(taus=as_taus("drifting_loss", taus), cross_replica_sum=cross_replica_sum,
+                            **{k: v for k, v in loss_options.items() if k in _FUSABLE_OPTIONS})
+        if set(loss_options) - _FUSABLE_OPTIONS:
+            return None
+        check_options("drifting_loss", kernel=opts.kernel, reduction=reduction,
+                      affinity_floor=opts.affinity_floor, attraction=opts.attraction,
+                      repulsion=opts.repulsion)
+        calls = []
+        for name in names:
+            x, p = _locations_first(gen[name], xp), _locations_first(pos[name], xp)
+            q = None if neg is None else _locations_first(neg[name], xp)
+            _, _, opts_g = _validated("drifting_loss", x, p, q, weights["x_weight"], weights["pos_weight"],
+                                      weights["neg_weight"], opts, xp)
+            calls.append((x, p, q, (weights["x_weight"], weights["neg_weight"], weights["pos_weight"])))
+    except (ValueError, TypeError):
+        return None  # the per-group path reports the error with the group's name
+    return be.fused_loss(calls, opts_g, reduction)
 
 
 def _check_groups(fn: str, gen: Any, pos: Any, neg: Any) -> list[str]:

@@ -82,7 +82,12 @@ def drifting_loss(
     opts = DriftOptions(taus=as_taus(fn, taus), x_as_negatives=x_as_negatives, normalize=normalize,
                         kernel=kernel, affinity_floor=affinity_floor, attraction=attraction,
                         repulsion=repulsion, with_stats=return_stats, cross_replica_sum=cross_replica_sum)
-    xp, be, xq, v, s, stats = _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
+    xp, be, opts = _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
+    if be.fused_loss is not None:  # one fused evaluation of loss and gradient (torch on CUDA)
+        loss = be.fused_loss([(x, pos, neg, (x_weight, neg_weight, pos_weight))], opts, reduction)
+        if loss is not None:
+            return loss
+    xq, v, s, stats = _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be)
     scaled = xq / s
     target = be.stop_gradient(scaled + v)
     diff = scaled - target
@@ -136,11 +141,8 @@ def drift_field(
     return (v, {k: be.as_array(a) for k, a in stats.items()}) if return_stats else v
 
 
-def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp):
-    """Validate, resolve the namespace, upcast, and compute the drift on stop-gradient copies.
-
-    Returns (xp, backend, x in compute dtype with gradient, V, s, stats).
-    """
+def _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp):
+    """Check the inputs of one call; returns (xp, backend, opts with the default replica sum)."""
     arrays = {"x": x, "pos": pos, "neg": neg, "x_weight": x_weight, "pos_weight": pos_weight,
               "neg_weight": neg_weight}
     xp = resolve_namespace(fn, arrays, xp)
@@ -151,9 +153,22 @@ def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, 
     for name, w, pts, pts_name in (("x_weight", x_weight, x, "x"), ("pos_weight", pos_weight, pos, "pos"),
                                    ("neg_weight", neg_weight, neg, "neg")):
         check_weight(fn, name, w, pts, pts_name, xp, be.is_concrete)
-
     if opts.cross_replica_sum is None:
         opts = dataclasses.replace(opts, cross_replica_sum=be.default_replica_sum())
+    return xp, be, opts
+
+
+def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp):
+    """Validate, resolve the namespace, upcast, and compute the drift on stop-gradient copies.
+
+    Returns (xp, backend, x in compute dtype with gradient, V, s, stats).
+    """
+    xp, be, opts = _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
+    return (xp, be, *_drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be))
+
+
+def _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be):
+    """(x in compute dtype with gradient, V, s, stats) of validated inputs."""
     cd = compute_dtype(xp, [x, pos, neg])
     matmul = be.matmul or xp.matmul
     xq = xp.astype(x, cd)
@@ -165,7 +180,7 @@ def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, 
             for w, pts in ((x_weight, x), (neg_weight, neg), (pos_weight, pos))
         )
         v, s, stats = compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=matmul, device=be.device)
-    return xp, be, xq, v, s, stats
+    return xq, v, s, stats
 
 
 def _full_weight(w, points, dtype, xp, be):
