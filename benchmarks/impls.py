@@ -1,8 +1,9 @@
 """The implementations under test; each turns a scenario into a step() -> (loss, gradients) runner.
 
 paper-literal  benchmarks/paper_literal.py (torch, fp32, one call per feature map)
-numpy          driftloss on NumPy (the core): drift_field(normalize=True) gives loss mean(V^2) and
-               gradient -2 V / (s * x.size), which is what drifting_loss + autodiff would return
+numpy          driftloss on NumPy (the blocked fast drift, cache-sized blocks): drift_field(normalize=True)
+               gives loss mean(V^2) and gradient -2 V / (s * x.size), which is what drifting_loss +
+               autodiff would return; numpy-core, the same with the hook off (the core)
 torch          driftloss.drifting_loss_groups on torch (all groups in one call; one group per call
                for the single-call scenarios) + backward: what a user runs. On CUDA the fused Triton
                path (driftloss.adapters.torch_fused) takes it; on CPU the core / blocked path.
@@ -32,7 +33,7 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-IMPLS = ("paper-literal", "numpy", "torch", "torch-blocked", "torch-core", "jax", "jax-core")
+IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-blocked", "torch-core", "jax", "jax-core")
 
 
 @dataclasses.dataclass
@@ -96,7 +97,22 @@ def context(impl: str) -> contextlib.AbstractContextManager:
         return fast_path("torch", False)
     if impl in ("jax", "jax-core"):
         return fast_path("jax", impl == "jax")
+    if impl in ("reference", "numpy-core"):
+        return numpy_core()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def numpy_core():
+    """NumPy's blocked fast drift switched off: the reference core."""
+    from driftloss import _backends
+
+    saved = _backends._NUMPY
+    _backends._NUMPY = dataclasses.replace(saved, compute_drift=None)
+    try:
+        yield
+    finally:
+        _backends._NUMPY = saved
 
 
 def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.AbstractContextManager]:
@@ -109,7 +125,7 @@ def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.Abs
         runner = _torch(scen, device, dtype="float64")
     elif impl in ("jax", "jax-core"):
         runner = _jax(scen)
-    elif impl == "numpy":
+    elif impl in ("numpy", "numpy-core"):
         runner = _numpy(scen, np.float32)
     elif impl == "reference":
         runner = _numpy(scen, np.float64)

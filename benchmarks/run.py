@@ -22,7 +22,7 @@ import sys
 from benchmarks import impls, measure, scenarios
 
 BASELINE = "paper-literal"
-CORE_LIKE = ("paper-literal", "numpy", "torch-core", "jax-core")  # hold several [problems, N, J] arrays
+CORE_LIKE = ("paper-literal", "numpy-core", "torch-core", "jax-core")  # hold several [problems, N, J] arrays
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
