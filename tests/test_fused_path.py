@@ -13,8 +13,7 @@ import os
 
 import numpy as np
 import pytest
-
-from tests.backends import B
+from backends import B
 
 if B.name != "torch":
     pytest.skip("the fused path is torch's", allow_module_level=True)
