@@ -54,9 +54,8 @@ class Backend:
 
 
 def _numpy_compute_drift(*args: Any, **kwargs: Any) -> Any:
-    from driftloss._fast_drift import (
-        cpu_compute_drift,  # imported late: it imports _drift, which imports this
-    )
+    # Imported late: _fast_drift imports _drift, which imports this module.
+    from driftloss._fast_drift import cpu_compute_drift
 
     return cpu_compute_drift(*args, **kwargs)
 

@@ -73,7 +73,7 @@ def drifting_loss_groups(
     weights = {k: None if w is None else xp.expand_dims(w, axis=-2)  # [..., n] -> [..., 1, n]
                for k, w in (("x_weight", x_weight), ("pos_weight", pos_weight), ("neg_weight", neg_weight))}
 
-    fused = _fused_total(fn, names, gen, pos, neg, taus, weights, reduction, return_stats, cross_replica_sum,
+    fused = _fused_total(names, gen, pos, neg, taus, weights, reduction, return_stats, cross_replica_sum,
                          loss_options, xp)
     if fused is not None:
         return fused
@@ -98,7 +98,7 @@ def drifting_loss_groups(
     return (total, stats) if return_stats else total
 
 
-def _fused_total(fn, names, gen, pos, neg, taus, weights, reduction, return_stats, cross_replica_sum,
+def _fused_total(names, gen, pos, neg, taus, weights, reduction, return_stats, cross_replica_sum,
                  loss_options, xp):
     """Every group in one fused evaluation where the backend has one (torch on CUDA), else None."""
     be = backend_for(xp)
