@@ -133,7 +133,7 @@ def fused_loss(groups: list[Group], opts: DriftOptions, reduction: str, *,
         return None
     try:
         return _FusedLoss.apply(_Plan(groups, opts, reduction), *[g.x for g in groups])
-    except _compile_failures() as e:  # raised before any kernel ran: the general path takes over
+    except _compile_failures() as e:  # raised at a launch, before any loss exists: fall back
         key = (type(e).__name__, str(e)[:200])
         if key not in _WARNED:
             _WARNED.add(key)
@@ -179,6 +179,9 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("driftloss: the fused drifting loss gives its gradient once; compute the loss "
+                               "again for a second backward")
         ctx.grads = None
         torch._foreach_mul_(grads, grad_out)  # in place: the buffers are this call's own
         return (None, *grads)

@@ -209,6 +209,18 @@ def test_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch):
         assert torch_fused.fused_loss(g, DriftOptions(taus=TAUS), "mean", allow_cpu=True) is None
 
 
+def test_second_backward_is_refused_not_wrong():
+    """The gradient buffers are scaled in place by the first backward; a second one must not reuse them."""
+    rng = np.random.default_rng(6)
+    x, pos, neg = make_group(rng, (2,), 8, 12, 4, 20)
+    xg = x.clone().requires_grad_(True)
+    loss = torch_fused.fused_loss([torch_fused.Group(xg, pos, neg, (None, None, None))], DriftOptions(taus=TAUS),
+                                  "mean", allow_cpu=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="gradient once"):
+        loss.backward()
+
+
 @pytest.mark.skipif(not CUDA, reason="the public API takes the fused path on CUDA only")
 def test_public_api_uses_fused_path_on_cuda():
     rng = np.random.default_rng(4)
