@@ -214,8 +214,8 @@ def test_second_backward_is_refused_not_wrong():
     rng = np.random.default_rng(6)
     x, pos, neg = make_group(rng, (2,), 8, 12, 4, 20)
     xg = x.clone().requires_grad_(True)
-    loss = torch_fused.fused_loss([torch_fused.Group(xg, pos, neg, (None, None, None))], DriftOptions(taus=TAUS),
-                                  "mean", allow_cpu=True)
+    group = torch_fused.Group(xg, pos, neg, (None, None, None))
+    loss = torch_fused.fused_loss([group], DriftOptions(taus=TAUS), "mean", allow_cpu=True)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="gradient once"):
         loss.backward()
