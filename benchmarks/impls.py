@@ -6,7 +6,7 @@ numpy          driftloss on NumPy (the blocked fast drift, cache-sized blocks): 
                autodiff would return; numpy-core, the same with the hook off (the core)
 torch          driftloss.drifting_loss_groups on torch (all groups in one call; one group per call
                for the single-call scenarios) + backward: what a user runs. On CUDA the fused Triton
-               path (driftloss.adapters.torch_fused) takes it; on CPU the core / blocked path.
+               path (driftloss.adapters.torch_fused) takes it; on CPU the blocked fast drift.
 torch:k=v,...  the fused path with other settings: prec=D/L/F (tl.dot input precisions of the
                distance, lambda and drift products), warps=, bc= (channels per step), work=
                (channels per work item), stages= (software pipelining depth, lowered
