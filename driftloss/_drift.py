@@ -77,17 +77,11 @@ def reference_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], o
         dist = xp.where(self_mask, 0.0, dist)  # exact zero where the Gram form leaves rounding
 
     # S: weighted mean distance over all problems, rows and columns (self distances included).
-    sums = xp.stack([xp.sum(dist * xp.expand_dims(w, axis=-2)), n * xp.sum(w)])
-    if opts.cross_replica_sum is not None:
-        sums = opts.cross_replica_sum(sums)
-    scale = sums[0] / xp.clip(sums[1], min=1e-30)
-    unit = xp.clip(scale, min=SCALE_FLOOR)
+    scale, unit, s = feature_scale(xp.sum(dist * xp.expand_dims(w, axis=-2)), n * xp.sum(w), d_feat, opts, xp)
     if opts.normalize:
-        s = xp.clip(scale / math.sqrt(d_feat), min=SCALE_FLOOR)
         dist_hat = dist / unit
         penalty = SELF_PENALTY
     else:
-        s = 1.0
         dist_hat = dist
         penalty = SELF_PENALTY * unit
     if self_mask is not None:
@@ -119,6 +113,18 @@ def reference_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], o
             "neighbours": xp.stack(neighbours),
         }
     return v, s, stats
+
+
+def feature_scale(weighted_sum: Any, weight_total: Any, d_feat: int, opts: DriftOptions,
+                  xp: Any) -> tuple[Any, Any, Any]:
+    """(S, S floored, s) from the sums of w * d and of w (across replicas when opts says so):
+    S the weighted mean distance, s = S / sqrt(D) floored with normalize, else 1.0 (step 2)."""
+    sums = xp.stack([weighted_sum, weight_total])
+    if opts.cross_replica_sum is not None:
+        sums = opts.cross_replica_sum(sums)
+    scale = sums[0] / xp.clip(sums[1], min=1e-30)
+    s = xp.clip(scale / math.sqrt(d_feat), min=SCALE_FLOOR) if opts.normalize else 1.0
+    return scale, xp.clip(scale, min=SCALE_FLOOR), s
 
 
 def _global_mean_square(f: Any, cross_replica_sum: Any, xp: Any, device: Any) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 import array_api_compat
 
 from driftloss._distances import DIRECT_MAX_FEATURES
-from driftloss._drift import RMS_FLOOR_SQ, SCALE_FLOOR, SELF_PENALTY, DriftOptions, kernel_columns
+from driftloss._drift import RMS_FLOOR_SQ, SELF_PENALTY, DriftOptions, feature_scale, kernel_columns
 
 # Entries of the largest [L_block, T, rows, J] temporary; about 64 MiB per float32 array.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -151,16 +151,10 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
             col_min = xp.concat(mins, axis=0)  # [L, J]
         else:
             wsum, _ = plan.sweep(loop, lambda c, b: (weighted_sum(c, b)[0], None), wsum, xp)
-    sums = xp.stack([wsum, n * xp.sum(w)])
-    if opts.cross_replica_sum is not None:
-        sums = opts.cross_replica_sum(sums)
-    scale = sums[0] / xp.clip(sums[1], min=1e-30)
-    unit = xp.clip(scale, min=SCALE_FLOOR)
+    scale, unit, s = feature_scale(wsum, n * xp.sum(w), d_feat, opts, xp)
     if opts.normalize:
-        s = xp.clip(scale / math.sqrt(d_feat), min=SCALE_FLOOR)
         ctx.dist_unit, ctx.penalty = unit, SELF_PENALTY
     else:
-        s = 1.0
         ctx.dist_unit, ctx.penalty = None, SELF_PENALTY * unit
 
     # Pass 2 (rows split, "both" kernel only): column sums of g^2 per temperature, [L, T, 1, J].
