@@ -52,6 +52,19 @@ FAR = tl.constexpr(1e30)  # scaled distance outside the problem: weight exactly 
 
 
 @triton.jit
+def _problem(tab_ptr, p):
+    """Row p of the problem table: the points' addresses (x, neg, pos), their row strides, the width
+    C, the group, the weight row and the offset of the channel means."""
+    row = tab_ptr + p * _FIELDS
+    x_ptr = tl.load(row + _F_X).to(tl.pointer_type(tl.float32))
+    neg_ptr = tl.load(row + _F_NEG).to(tl.pointer_type(tl.float32))
+    pos_ptr = tl.load(row + _F_POS).to(tl.pointer_type(tl.float32))
+    return (x_ptr, neg_ptr, pos_ptr, tl.load(row + _F_SX), tl.load(row + _F_SNEG), tl.load(row + _F_SPOS),
+            tl.load(row + _F_C).to(tl.int32), tl.load(row + _F_GROUP), tl.load(row + _F_WROW),
+            tl.load(row + _F_MU))
+
+
+@triton.jit
 def _block(ptr, rows, stride, n_ch, c0, R: tl.constexpr, BC: tl.constexpr):
     """Block pointer to rows [0, R) x channels [c0, c0 + BC) of a [rows, n_ch] matrix."""
     return tl.make_block_ptr(ptr, shape=(rows, n_ch), strides=(stride, 1), offsets=(0, c0),
@@ -82,16 +95,7 @@ def distances_kernel(tab_ptr, w_ptr, d_ptr, mu_ptr, spart_ptr, N, M, P,
                      NX: tl.constexpr, MX: tl.constexpr, PX: tl.constexpr, HAS_NEG: tl.constexpr,
                      BC: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
-    row = tab_ptr + p * _FIELDS
-    x_ptr = tl.load(row + _F_X).to(tl.pointer_type(tl.float32))
-    neg_ptr = tl.load(row + _F_NEG).to(tl.pointer_type(tl.float32))
-    pos_ptr = tl.load(row + _F_POS).to(tl.pointer_type(tl.float32))
-    sx = tl.load(row + _F_SX)
-    sq = tl.load(row + _F_SNEG)
-    sp = tl.load(row + _F_SPOS)
-    n_ch = tl.load(row + _F_C).to(tl.int32)
-    wrow = tl.load(row + _F_WROW)
-    mu_off = tl.load(row + _F_MU)
+    x_ptr, neg_ptr, pos_ptr, sx, sq, sp, n_ch, grp, wrow, mu_off = _problem(tab_ptr, p)
 
     acc_x = tl.zeros((NX, NX), dtype=tl.float32)
     acc_q = tl.zeros((NX, MX), dtype=tl.float32)
@@ -257,17 +261,7 @@ def drift_kernel(tab_ptr, work_ptr, w_ptr, d_ptr, mu_ptr, unit_ptr, rate_ptr, tc
     p = tl.load(work_ptr + wi * 3)
     c_lo = tl.load(work_ptr + wi * 3 + 1).to(tl.int32)
     c_hi = tl.load(work_ptr + wi * 3 + 2).to(tl.int32)
-    row = tab_ptr + p * _FIELDS
-    x_ptr = tl.load(row + _F_X).to(tl.pointer_type(tl.float32))
-    neg_ptr = tl.load(row + _F_NEG).to(tl.pointer_type(tl.float32))
-    pos_ptr = tl.load(row + _F_POS).to(tl.pointer_type(tl.float32))
-    sx = tl.load(row + _F_SX)
-    sq = tl.load(row + _F_SNEG)
-    sp = tl.load(row + _F_SPOS)
-    n_ch = tl.load(row + _F_C).to(tl.int32)
-    grp = tl.load(row + _F_GROUP)
-    wrow = tl.load(row + _F_WROW)
-    mu_off = tl.load(row + _F_MU)
+    x_ptr, neg_ptr, pos_ptr, sx, sq, sp, n_ch, grp, wrow, mu_off = _problem(tab_ptr, p)
     inv_unit = 1.0 / tl.load(unit_ptr + grp)
 
     if FINAL:
@@ -284,7 +278,7 @@ def drift_kernel(tab_ptr, work_ptr, w_ptr, d_ptr, mu_ptr, unit_ptr, rate_ptr, tc
             v_q += coef * w_q
             v_p += coef * w_p
         gcoef = tl.load(gcoef_ptr + grp)
-        grad_ptr = tl.load(row + _F_GRAD).to(tl.pointer_type(tl.float32))
+        grad_ptr = tl.load(tab_ptr + p * _FIELDS + _F_GRAD).to(tl.pointer_type(tl.float32))
         vsq = tl.zeros((NX,), dtype=tl.float32)
         if WHILE:
             c0 = c_lo

@@ -61,6 +61,18 @@ def fused_everywhere():
         torch_adapter.BACKEND = saved
 
 
+def count_fused_calls(monkeypatch) -> list[int]:
+    """The number of groups of each call that reaches torch_fused.fused_loss, as it happens."""
+    calls, original = [], torch_fused.fused_loss
+
+    def spy(groups, *args, **kwargs):
+        calls.append(len(groups))
+        return original(groups, *args, **kwargs)
+
+    monkeypatch.setattr(torch_fused, "fused_loss", spy)
+    return calls
+
+
 def points(rng, lead, n, c, offset):
     return torch.tensor(rng.normal(offset, 1.0, size=(*lead, n, c)), dtype=torch.float32, device=DEV)
 
@@ -139,7 +151,7 @@ def test_per_problem_weights():
     assert_close(fused(groups), reference(groups))
 
 
-def test_groups_api_with_strided_views():
+def test_groups_api_with_strided_views(monkeypatch):
     """drifting_loss_groups hands permuted [..., L, n, C] views; every group goes in one fused call."""
     rng = np.random.default_rng(2)
     gen = {"loc": points(rng, (2,), 8, 4 * 10, 0.5).reshape(2, 8, 4, 10),
@@ -158,18 +170,8 @@ def test_groups_api_with_strided_views():
         loss.backward()
         return float(loss), [g[k].grad.double() for k in gen]
 
-    calls = []
-    original = torch_fused.fused_loss
-
-    def spy(groups, *args, **kwargs):
-        calls.append(len(groups))
-        return original(groups, *args, **kwargs)
-
-    torch_fused.fused_loss = spy
-    try:
-        got = run(fused_everywhere() if not CUDA else contextlib.nullcontext())
-    finally:
-        torch_fused.fused_loss = original
+    calls = count_fused_calls(monkeypatch)
+    got = run(fused_everywhere() if not CUDA else contextlib.nullcontext())
     assert calls == [2]
     assert_close(got, run(core_only()))
 
@@ -222,22 +224,12 @@ def test_second_backward_is_refused_not_wrong():
 
 
 @pytest.mark.skipif(not CUDA, reason="the public API takes the fused path on CUDA only")
-def test_public_api_uses_fused_path_on_cuda():
+def test_public_api_uses_fused_path_on_cuda(monkeypatch):
     rng = np.random.default_rng(4)
     x, pos, neg = make_group(rng, (4,), 16, 32, 8, 64)
-    calls = []
-    original = torch_fused.fused_loss
-
-    def spy(groups, *args, **kwargs):
-        calls.append(len(groups))
-        return original(groups, *args, **kwargs)
-
-    torch_fused.fused_loss = spy
-    try:
-        xg = x.clone().requires_grad_(True)
-        loss = driftloss.drifting_loss(xg, pos, neg, TAUS)
-        loss.backward()
-    finally:
-        torch_fused.fused_loss = original
+    calls = count_fused_calls(monkeypatch)
+    xg = x.clone().requires_grad_(True)
+    loss = driftloss.drifting_loss(xg, pos, neg, TAUS)
+    loss.backward()
     assert calls == [1]
     assert_close((float(loss), [xg.grad]), reference([(x, pos, neg, (None, None, None))]))
