@@ -15,12 +15,10 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 from driftloss.adapters.torch import drift_field, drifting_loss
-from tqdm import tqdm
 
 from reference_trainers.toy_config import (
     ToyConfig,
@@ -30,7 +28,14 @@ from reference_trainers.toy_config import (
     learning_rate,
 )
 from reference_trainers.toy_data import initial_output, make_target, step_batch
-from reference_trainers.toy_run import ToyRun, evaluate, log_line, quiver_step, run_all, snapshot_steps
+from reference_trainers.toy_run import (
+    ProgressLog,
+    ToyRun,
+    final_metrics,
+    quiver_step,
+    run_all,
+    snapshot_steps,
+)
 
 
 def make_generator(cfg: ToyConfig) -> torch.nn.Sequential:
@@ -120,12 +125,9 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, torch.nn.Module, torch.nn.Module]:
     eval_noise = eval_noise.astype(np.float32)                        # [1000, noise_dim], for the snapshots
     if start == 0:
         run.snapshots.append((0, generate(ema, eval_noise)))
-    log_path = os.path.join(cfg.out, "log.txt")
-    os.makedirs(cfg.out, exist_ok=True)
     last = cfg.stop_at or cfg.steps
-    bar = tqdm(range(start + 1, last + 1), disable=not cfg.progress, desc=f"{cfg.target}/{cfg.init}")
-    t0, train_time = time.perf_counter(), 0.0
-    for step in bar:
+    log = ProgressLog(cfg, start, last, f"{cfg.target}/{cfg.init}")
+    for step in log:
         noise, real = step_batch(target, cfg.seed, step, cfg.n_gen, cfg.n_pos, cfg.noise_dim)
         pos = torch.from_numpy(real)                                   # [P, 2]
         for group in opt.param_groups:
@@ -145,21 +147,12 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, torch.nn.Module, torch.nn.Module]:
                           real)
         if step in keep:
             run.snapshots.append((step, generate(ema, eval_noise)))
-        if step % cfg.log_every == 0 or step == last:
-            train_time += time.perf_counter() - t0
-            run.samples_per_s = (step - start) * cfg.n_gen / train_time
-            line = log_line(step, run.loss[-1], run.drift_rms[-1], run.neighbours[-1], run.samples_per_s)
-            bar.set_postfix_str(line.split(" ", 2)[2][:60])
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
-            t0 = time.perf_counter()
+        log.after_step(run, step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), model, ema, opt, step, cfg, run)
     save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), model, ema, opt, last, cfg, run)
 
-    run.metrics = evaluate(cfg, lambda z: generate(ema, z))
-    run.metrics["raw_model"] = {k: v for k, v in evaluate(cfg, lambda z: generate(model, z)).items()
-                                if k in ("energy_distance", "mmd", "modes_covered")}
+    run.metrics = final_metrics(cfg, lambda z: generate(ema, z), lambda z: generate(model, z))
     return run, model, ema
 
 

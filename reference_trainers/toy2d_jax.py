@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=2")
 
@@ -24,7 +23,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from driftloss.adapters.jax import drift_field, drifting_loss  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from reference_trainers.toy_config import (  # noqa: E402
     ToyConfig,
@@ -35,9 +33,9 @@ from reference_trainers.toy_config import (  # noqa: E402
 )  # noqa: E402
 from reference_trainers.toy_data import initial_output, make_target, step_batch  # noqa: E402
 from reference_trainers.toy_run import (  # noqa: E402
+    ProgressLog,
     ToyRun,
-    evaluate,
-    log_line,
+    final_metrics,
     quiver_step,
     run_all,
     snapshot_steps,
@@ -144,12 +142,9 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, eqx.nn.MLP, eqx.nn.MLP]:
     eval_noise = eval_noise.astype(np.float32)                        # [1000, noise_dim], for the snapshots
     if start == 0:
         run.snapshots.append((0, generate(ema, eval_noise)))
-    log_path = os.path.join(cfg.out, "log.txt")
-    os.makedirs(cfg.out, exist_ok=True)
     last = cfg.stop_at or cfg.steps
-    bar = tqdm(range(start + 1, last + 1), disable=not cfg.progress, desc=f"{cfg.target}/{cfg.init} (jax)")
-    t0, train_time = time.perf_counter(), 0.0
-    for step in bar:
+    log = ProgressLog(cfg, start, last, f"{cfg.target}/{cfg.init} (jax)")
+    for step in log:
         noise, real = step_batch(target, cfg.seed, step, cfg.n_gen, cfg.n_pos, cfg.noise_dim)
         model, ema, opt_state, loss, stats, x = train_step(model, ema, opt_state, jnp.asarray(noise),
                                                jnp.asarray(real), jnp.float32(learning_rate(cfg, step)))
@@ -161,21 +156,12 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, eqx.nn.MLP, eqx.nn.MLP]:
                           real)
         if step in keep:
             run.snapshots.append((step, generate(ema, eval_noise)))
-        if step % cfg.log_every == 0 or step == last:
-            train_time += time.perf_counter() - t0
-            run.samples_per_s = (step - start) * cfg.n_gen / train_time
-            line = log_line(step, run.loss[-1], run.drift_rms[-1], run.neighbours[-1], run.samples_per_s)
-            bar.set_postfix_str(line.split(" ", 2)[2][:60])
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
-            t0 = time.perf_counter()
+        log.after_step(run, step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_checkpoint(os.path.join(cfg.out, "checkpoint.pkl"), model, ema, opt_state, step, cfg, run)
     save_checkpoint(os.path.join(cfg.out, "checkpoint.pkl"), model, ema, opt_state, last, cfg, run)
 
-    run.metrics = evaluate(cfg, lambda z: generate(ema, z))
-    run.metrics["raw_model"] = {k: v for k, v in evaluate(cfg, lambda z: generate(model, z)).items()
-                                if k in ("energy_distance", "mmd", "modes_covered")}
+    run.metrics = final_metrics(cfg, lambda z: generate(ema, z), lambda z: generate(model, z))
     return run, model, ema
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from reference_trainers import toy_plots
 from reference_trainers.sample_metrics import sample_metrics
@@ -63,6 +65,42 @@ def log_line(step: int, loss: float, drift_rms: list, neighbours: list, samples_
     rms = " ".join(f"{v:.3g}" for v in drift_rms)
     nb = " ".join(f"{v:.3g}" for v in neighbours)
     return f"step {step} loss {loss:.4f} drift_rms [{rms}] neighbours [{nb}] samples/s {samples_per_s:.0f}"
+
+
+class ProgressLog:
+    """The step loop of one run: ``for step in log`` shows a progress bar, and ``log.after_step(run,
+    step)`` writes a ``log_line`` to out/log.txt every cfg.log_every steps and at the last, with the
+    throughput of the steps trained since ``start`` (time between log lines, logging excluded)."""
+
+    def __init__(self, cfg: ToyConfig, start: int, last: int, desc: str):
+        os.makedirs(cfg.out, exist_ok=True)
+        self.path = os.path.join(cfg.out, "log.txt")
+        self.cfg, self.start, self.last = cfg, start, last
+        self.bar = tqdm(range(start + 1, last + 1), disable=not cfg.progress, desc=desc)
+        self.t0, self.train_time = time.perf_counter(), 0.0
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def after_step(self, run: ToyRun, step: int) -> None:
+        if step % self.cfg.log_every and step != self.last:
+            return
+        self.train_time += time.perf_counter() - self.t0
+        run.samples_per_s = (step - self.start) * self.cfg.n_gen / self.train_time
+        line = log_line(step, run.loss[-1], run.drift_rms[-1], run.neighbours[-1], run.samples_per_s)
+        self.bar.set_postfix_str(line.split(" ", 2)[2][:60])
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        self.t0 = time.perf_counter()
+
+
+def final_metrics(cfg: ToyConfig, generate_ema: Callable[[np.ndarray], np.ndarray],
+                  generate_model: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """``evaluate`` of the EMA generator, with the raw model's distances and modes under "raw_model"."""
+    metrics = evaluate(cfg, generate_ema)
+    metrics["raw_model"] = {k: v for k, v in evaluate(cfg, generate_model).items()
+                            if k in ("energy_distance", "mmd", "modes_covered")}
+    return metrics
 
 
 def write_outputs(cfg: ToyConfig, run: ToyRun, out: str, framework: str) -> None:
