@@ -33,6 +33,7 @@ BACKEND = Backend(
     matmul=functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST),
     is_concrete=_is_concrete,
     compute_drift=jax_fast.compute_drift,
+    share_groups=lambda a: True,  # fewer, larger XLA operations (b2-class on the CPU: 3.45x vs 3.19x)
 )
 
 

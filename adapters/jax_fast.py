@@ -58,10 +58,12 @@ SCAN_LOOP = BlockLoop(run=_scan, take=_take)
 
 
 def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
-                  *, xp: Any, matmul: Any, device: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """``driftloss._drift.compute_drift`` for JAX arrays (same arguments and results)."""
+                  *, xp: Any, matmul: Any, device: Any,
+                  segments: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """``driftloss._drift.compute_drift`` for JAX arrays (same arguments and results); ``segments``
+    as ``fast_drift``'s."""
     import jax
 
     budget = CPU_BLOCK_ELEMENTS if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK_ELEMENTS
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device,
-                      block_elements=budget, loop=SCAN_LOOP)
+                      block_elements=budget, loop=SCAN_LOOP, segments=segments)

@@ -58,6 +58,8 @@ BACKEND = Backend(
     default_replica_sum=_default_replica_sum,  # array_api_compat.device is not traceable by dynamo
     compute_drift=torch_fast.compute_drift,
     fused_loss=torch_fused.backend_fused_loss,
+    # On the CPU the stacking copies cost more than the saved operators (benchmarks/RESULTS.md).
+    share_groups=lambda a: a.device.type != "cpu",
 )
 
 

@@ -21,10 +21,13 @@ CUDA_BLOCK_ELEMENTS = 1 << 26  # 256 MiB: few, large kernels
 
 
 def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
-                  *, xp: Any, matmul: Any, device: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """``driftloss._drift.compute_drift`` for torch tensors (same arguments and results)."""
+                  *, xp: Any, matmul: Any, device: Any,
+                  segments: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """``driftloss._drift.compute_drift`` for torch tensors (same arguments and results); ``segments``
+    as ``fast_drift``'s."""
     if x.device.type == "cpu":
         budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS)
     else:
         budget = CUDA_BLOCK_ELEMENTS
-    return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget)
+    return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
+                      segments=segments)

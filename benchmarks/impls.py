@@ -11,9 +11,13 @@ torch:k=v,...  the fused path with other settings: prec=D/L/F (tl.dot input prec
                distance, lambda and drift products), warps=, bc= (channels per step), work=
                (channels per work item), stages= (software pipelining depth, lowered
                automatically where shared memory is short); e.g. torch:prec=tf32x3/tf32/tf32x3
-torch-blocked  the same with the fused hook switched off (the blocked fast drift on torch)
+torch-blocked  the same with the fused hook switched off (the blocked fast drift on torch; the groups
+               of one feature map share one evaluation, each with its own S and lambda)
+torch-pergroup torch-blocked with one evaluation per group (as before the groups were shared)
 torch-core     the same with both hooks switched off (the reference core on torch)
-jax, jax-core  driftloss.adapters.jax under jax.jit(jax.value_and_grad(...)), fast path on / off
+jax, jax-core  the sum of one driftloss.adapters.jax.drifting_loss per call (group) under
+               jax.jit(jax.value_and_grad(...)), fast path on / off
+jax-groups     driftloss.drifting_loss_groups on JAX (all groups in one call, as the torch rows)
 reference-cuda  the core in float64 on torch CUDA (the error reference on the GPU; the core is tested
                against the independent float64 NumPy reference to 1e-10); reference-cuda-blocked,
                the blocked fast drift in float64 there, where the core's temporaries would not fit
@@ -33,7 +37,8 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-blocked", "torch-core", "jax", "jax-core")
+IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-blocked", "torch-pergroup", "torch-core",
+         "jax", "jax-groups", "jax-core")
 
 
 @dataclasses.dataclass
@@ -87,12 +92,30 @@ def fused_settings(spec: str):
         torch_fused.PRECISION, torch_fused.TILING = saved
 
 
+@contextlib.contextmanager
+def groups_one_by_one():
+    """drifting_loss_groups with one drift evaluation per group (no shared evaluation per shape)."""
+    from driftloss import _groups_loss
+
+    saved = _groups_loss._stacked_losses
+    _groups_loss._stacked_losses = lambda *args: None  # None: "declined", each group runs alone
+    try:
+        yield
+    finally:
+        _groups_loss._stacked_losses = saved
+
+
 def context(impl: str) -> contextlib.AbstractContextManager:
     """A fresh context in which ``impl``'s runner must run (hooks switched, settings applied)."""
     if impl.startswith("torch:"):
         return fused_settings(impl.partition(":")[2])
     if impl in ("torch-blocked", "reference-cuda-blocked"):
         return fast_path("torch", True, fused=False)
+    if impl == "torch-pergroup":
+        stack = contextlib.ExitStack()
+        stack.enter_context(fast_path("torch", True, fused=False))
+        stack.enter_context(groups_one_by_one())
+        return stack
     if impl in ("torch-core", "reference-cuda"):
         return fast_path("torch", False)
     if impl in ("jax", "jax-core"):
@@ -119,12 +142,12 @@ def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.Abs
     """A runner and the context it must run in (``context(impl)`` gives another)."""
     if impl == "paper-literal":
         runner = _paper_literal(scen, device)
-    elif impl in ("torch", "torch-blocked", "torch-core") or impl.startswith("torch:"):
+    elif impl in ("torch", "torch-blocked", "torch-pergroup", "torch-core") or impl.startswith("torch:"):
         runner = _torch(scen, device)
     elif impl in ("reference-cuda", "reference-cuda-blocked"):
         runner = _torch(scen, device, dtype="float64")
-    elif impl in ("jax", "jax-core"):
-        runner = _jax(scen)
+    elif impl in ("jax", "jax-groups", "jax-core"):
+        runner = _jax(scen, groups=impl == "jax-groups")
     elif impl in ("numpy", "numpy-core"):
         runner = _numpy(scen, np.float32)
     elif impl == "reference":
@@ -205,10 +228,12 @@ def _torch(scen: Scenario, device: str, dtype: str = "float32") -> Runner:
     return _torch_runner(torch, xs, loss_fn)
 
 
-def _jax(scen: Scenario) -> Runner:
+def _jax(scen: Scenario, groups: bool = False) -> Runner:
     import jax
     import jax.numpy as jnp
     from driftloss.adapters.jax import drifting_loss
+
+    import driftloss
 
     def j(a):
         return None if a is None else jnp.asarray(a, dtype=jnp.float32)
@@ -216,12 +241,19 @@ def _jax(scen: Scenario) -> Runner:
     xs = [j(c.x) for c in scen.calls]
     poss = [j(c.pos) for c in scen.calls]
     negs = [j(c.neg) for c in scen.calls]
-    weights = [None if c.neg_weight is None else jnp.full((c.neg.shape[1],), c.neg_weight, jnp.float32)
-               for c in scen.calls]
+    # One guidance weight vector shared by every group, as drifting_loss_groups receives it.
+    c0 = scen.calls[0]
+    w = None if c0.neg_weight is None else jnp.full((c0.neg.shape[1],), c0.neg_weight, jnp.float32)
 
-    def total(xs, poss, negs, weights):
+    def as_groups(arrays):  # calls [L, n, C] -> groups [n, L, C], as the torch runner
+        return None if arrays[0] is None else {str(k): jnp.swapaxes(a, 0, 1) for k, a in enumerate(arrays)}
+
+    def total(xs, poss, negs):
+        if groups and len(xs) > 1:
+            return driftloss.drifting_loss_groups(as_groups(xs), as_groups(poss), as_groups(negs), scen.taus,
+                                                  neg_weight=w)
         return sum(drifting_loss(x, p, q, scen.taus, neg_weight=w)
-                   for x, p, q, w in zip(xs, poss, negs, weights, strict=True))
+                   for x, p, q in zip(xs, poss, negs, strict=True))
 
     f = jax.jit(jax.value_and_grad(total))
 
@@ -229,7 +261,7 @@ def _jax(scen: Scenario) -> Runner:
         loss, grads = out
         return float(loss), [np.asarray(g, dtype=np.float64) for g in grads]
 
-    return Runner(lambda: f(xs, poss, negs, weights), lambda out: jax.block_until_ready(out), to_numpy)
+    return Runner(lambda: f(xs, poss, negs), lambda out: jax.block_until_ready(out), to_numpy)
 
 
 def _numpy(scen: Scenario, dtype, blocked: bool = False) -> Runner:

@@ -40,6 +40,10 @@ class Backend:
     fused_loss            -> fused_loss(calls, opts, reduction): the summed loss of several validated
                              drifting_loss calls, each (x, pos, neg, (x_w, neg_w, pos_w)) with raw
                              weights, as one differentiable array (torch on CUDA); or None to decline
+    share_groups(a)       -> True where drifting_loss_groups should stack the groups of one shape
+                             into one compute_drift (segments) for arrays like a: worth it where
+                             each array operation has a fixed cost (GPU launches, XLA), not for
+                             eager CPU libraries, whose blocks are cache-sized either way
     """
 
     stop_gradient: Callable[[Any], Any] = _identity
@@ -51,6 +55,7 @@ class Backend:
     default_replica_sum: Callable[[], Any] = lambda: None
     compute_drift: Callable[..., Any] | None = None
     fused_loss: Callable[..., Any] | None = None
+    share_groups: Callable[[Any], bool] = lambda a: False
 
 
 def _numpy_compute_drift(*args: Any, **kwargs: Any) -> Any:

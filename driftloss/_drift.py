@@ -118,11 +118,12 @@ def reference_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], o
 def feature_scale(weighted_sum: Any, weight_total: Any, d_feat: int, opts: DriftOptions,
                   xp: Any) -> tuple[Any, Any, Any]:
     """(S, S floored, s) from the sums of w * d and of w (across replicas when opts says so):
-    S the weighted mean distance, s = S / sqrt(D) floored with normalize, else 1.0 (step 2)."""
+    S the weighted mean distance, s = S / sqrt(D) floored with normalize, else 1.0 (step 2).
+    The sums are 0-d, or [G] for G separate segments of problems (then so are S and s)."""
     sums = xp.stack([weighted_sum, weight_total])
     if opts.cross_replica_sum is not None:
         sums = opts.cross_replica_sum(sums)
-    scale = sums[0] / xp.clip(sums[1], min=1e-30)
+    scale = sums[0, ...] / xp.clip(sums[1, ...], min=1e-30)
     s = xp.clip(scale / math.sqrt(d_feat), min=SCALE_FLOOR) if opts.normalize else 1.0
     return scale, xp.clip(scale, min=SCALE_FLOOR), s
 

@@ -20,12 +20,15 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   unrolled loop lets XLA schedule all blocks' temporaries together.
 
 Only the leading ``...`` dims are flattened to one problem axis L; nothing loops per problem.
+The problems may come in segments, each with its own S, s and lambda as if it were a call of its
+own (``drifting_loss_groups`` stacks the feature groups of one shape so): statistics are then
+summed per segment ([G]-shaped) and handed back to each problem by its segment index.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +58,12 @@ def cpu_block_elements(x: Any, pos: Any, neg: Any, opts: DriftOptions, cache: in
 
 
 def cpu_compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
-                      *, xp: Any, matmul: Callable[[Any, Any], Any],
-                      device: Callable[[Any], Any]) -> tuple[Any, Any, dict[str, Any]]:
+                      *, xp: Any, matmul: Callable[[Any, Any], Any], device: Callable[[Any], Any],
+                      segments: Sequence[int] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` on the CPU (NumPy's hook): ``fast_drift`` with ``cpu_block_elements``."""
     budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS)
-    return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget)
+    return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
+                      segments=segments)
 
 
 def _python_run(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, starts: list[int],
@@ -102,16 +106,22 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                *, xp: Any, matmul: Callable[[Any, Any], Any],
                device: Callable[[Any], Any] = array_api_compat.device,
                block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-               loop: BlockLoop = PYTHON_LOOP) -> tuple[Any, Any, dict[str, Any]]:
+               loop: BlockLoop = PYTHON_LOOP,
+               segments: Sequence[int] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` (same arguments and results) by blocks of at most ``block_elements`` entries.
 
     x [..., N, D], pos [..., P, D], neg [..., M, D] or None; weights (x_w [..., N], neg_w [..., M]
     or None, pos_w [..., P]) at full shape; device(a) gives a's device (None for traced arrays).
     ``loop`` runs each pass over the blocks (adapters/jax_fast.py: one lax.scan per block size).
-    Returns (V [..., N, D], s, stats) as ``compute_drift``.
+    ``segments``: for each of the L = prod(...) problems (row-major), the index in 0..G-1 of its
+    segment. Each segment has its own S, s and lambda, as if its problems were a call of their own
+    (the feature groups of ``drifting_loss_groups``, evaluated in one pass); None: one segment.
+    Returns (V [..., N, D], s, stats) as ``compute_drift``; with segments, s and the stats carry a
+    leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T]).
     """
     lead, n, d_feat = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
     n_probs = math.prod(lead)
+    runs, counts = _segment_counts(segments, n_probs)
     y, w, n_neg = kernel_columns(x, pos, neg, weights, opts, xp=xp)
     j = y.shape[-2]
     x, y, w = (xp.reshape(x, (n_probs, n, d_feat)), xp.reshape(y, (n_probs, j, d_feat)),
@@ -121,28 +131,29 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     centre = xp.mean(y, axis=-2, keepdims=True)
     xc, yc = x - centre, y - centre
     ctx = _Context(xc=xc, yc=yc, w=w, n_neg=n_neg, opts=opts, xp=xp, matmul=matmul, device=device(x),
-                   take=loop.take)
-    n_taus = len(opts.taus)
+                   take=loop.take, runs=runs)
+    n_taus, n_segs = len(opts.taus), len(counts)
     plan = _Plan(n_probs, n, j * n_taus, block_elements)
     dt, dev = x.dtype, device(x)
 
-    # Pass 1: S (and, when rows are split, each column's smallest distance to a row other than itself).
+    # Pass 1: S per segment (and, when rows are split, each column's smallest distance to a row
+    # other than itself). Sums per problem [p] are added into per-segment sums [G].
+    def weighted_sums(dist, b):
+        return ctx.run_sums(xp.sum(dist * xp.expand_dims(ctx.problems(w, b), axis=-2), axis=(-2, -1)), b)
+
     col_min = None
     if plan.single:
         dist = ctx.distances(_Block(0, n_probs, 0, n))
-        wsum = xp.sum(dist * xp.expand_dims(w, axis=-2))
+        wsum = weighted_sums(dist, _Block(0, n_probs, 0, n))
     else:
-        def weighted_sum(wsum, b):
-            dist = ctx.distances(b)
-            return wsum + xp.sum(dist * xp.expand_dims(ctx.problems(w, b), axis=-2)), dist
-
-        wsum = xp.zeros((), dtype=dt, device=dev)
+        wsum = xp.zeros((n_segs,), dtype=dt, device=dev)
         if plan.rows_split and opts.kernel == "both":
-            def sum_and_min(carry, b):  # carry: (wsum, this problem's column minima [1, J])
-                wsum, dist = weighted_sum(carry[0], b)
+            def sum_and_min(carry, b):  # carry: (wsum [G], this problem's column minima [1, J])
+                dist = ctx.distances(b)
                 mask = ctx.self_mask(b)
                 masked = dist if mask is None else xp.where(mask, xp.inf, dist)
-                return (wsum, xp.minimum(carry[1], xp.min(masked, axis=-2))), None
+                col_min = xp.minimum(carry[1], xp.min(masked, axis=-2))
+                return (carry[0] + weighted_sums(dist, b), col_min), None
 
             no_min, mins = xp.full((1, j), xp.inf, dtype=dt, device=dev), []
             for p in range(n_probs):
@@ -150,12 +161,13 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                 mins.append(m)
             col_min = xp.concat(mins, axis=0)  # [L, J]
         else:
-            wsum, _ = plan.sweep(loop, lambda c, b: (weighted_sum(c, b)[0], None), wsum, xp)
-    scale, unit, s = feature_scale(wsum, n * xp.sum(w), d_feat, opts, xp)
+            wsum, _ = plan.sweep(loop, lambda c, b: (c + weighted_sums(ctx.distances(b), b), None), wsum, xp)
+    w_total = n * ctx.run_sums(xp.sum(w, axis=-1))
+    scale, unit, s = feature_scale(wsum, w_total, d_feat, opts, xp)  # each [G] (s: 1.0 without normalize)
     if opts.normalize:
-        ctx.dist_unit, ctx.penalty = unit, SELF_PENALTY
+        ctx.dist_unit, ctx.penalty = ctx.per_problem(unit, 3), SELF_PENALTY
     else:
-        ctx.dist_unit, ctx.penalty = None, SELF_PENALTY * unit
+        ctx.dist_unit, ctx.penalty = None, ctx.per_problem(SELF_PENALTY * unit, 3)
 
     # Pass 2 (rows split, "both" kernel only): column sums of g^2 per temperature, [L, T, 1, J].
     col_stats = None
@@ -171,37 +183,55 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                            axis=0)
         col_stats = (col_min, col_sq)
 
-    # Pass 3: the drift of each block, per temperature; the neighbour sums [T] ride in the carry.
+    # Pass 3: the drift of each block, per temperature; the neighbour sums [G, T] ride in the carry.
     def drift(neighbours, b):
         f, nb = ctx.block_drift(ctx.scaled(dist if plan.single else ctx.distances(b), b), b, col_stats)
-        return (neighbours + nb if opts.with_stats else neighbours), f
+        return (neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours), f
 
-    neighbours = xp.zeros((n_taus,), dtype=dt, device=dev)
+    neighbours = xp.zeros((n_segs, n_taus), dtype=dt, device=dev)
     neighbours, f = plan.sweep(loop, drift, neighbours, xp)  # [L, T, N, D]
-    f = f / s
+    f = f / ctx.per_problem(s, 4)
 
-    # lambda_tau from the global mean of F_tau^2, then V = sum_tau F_tau / lambda_tau.
-    sq = xp.sum(f * f, axis=(0, 2, 3))  # [T]
-    count = float(n_probs * n * d_feat)
+    # lambda_tau of each segment from its mean of F_tau^2, then V = sum_tau F_tau / lambda_tau.
+    sq = ctx.run_sums(xp.sum(f * f, axis=(2, 3)))  # [G, T]
+    counts_nd = xp.asarray([[float(c * n * d_feat)] for c in counts], dtype=dt, device=dev)  # [G, 1]
     if opts.cross_replica_sum is None:
-        ms = sq / count
+        ms = sq / counts_nd
     else:
-        total = opts.cross_replica_sum(
-            xp.concat([sq, xp.asarray([count], dtype=sq.dtype, device=device(sq))]))
-        ms = total[:n_taus] / total[n_taus]
+        total = opts.cross_replica_sum(xp.concat([sq, counts_nd], axis=-1))
+        ms = total[:, :n_taus] / total[:, n_taus:]
     if opts.normalize:
-        f = f / xp.reshape(xp.sqrt(xp.clip(ms, min=RMS_FLOOR_SQ)), (1, n_taus, 1, 1))
+        rms = xp.sqrt(xp.clip(ms, min=RMS_FLOOR_SQ))  # [G, T]
+        f = f / ctx.per_problem(rms, 4)
     v = xp.reshape(xp.sum(f, axis=1), (*lead, n, d_feat))
 
     stats: dict[str, Any] = {}
     if opts.with_stats:
-        stats = {
-            "scale": scale,
-            "feature_scale": xp.asarray(s, dtype=x.dtype, device=device(x)),
-            "drift_rms": xp.sqrt(ms),
-            "neighbours": neighbours / float(n_probs * n),
-        }
+        rows = xp.asarray([[float(c * n)] for c in counts], dtype=dt, device=dev)
+        feat = s if opts.normalize else xp.ones((n_segs,), dtype=dt, device=dev)
+        stats = {"scale": scale, "feature_scale": feat, "drift_rms": xp.sqrt(ms),
+                 "neighbours": neighbours / rows}
+    if segments is None:  # one segment: scalars and [T], as compute_drift
+        stats = {k: v_[0, ...] for k, v_ in stats.items()}
+        s = s[0] if opts.normalize else s
     return v, s, stats
+
+
+def _segment_counts(segments: Sequence[int] | None, n_probs: int) -> tuple[list[int] | None, list[int]]:
+    """(segment index of each problem or None, problems per segment) of ``fast_drift``'s argument."""
+    if segments is None:
+        return None, [n_probs]
+    runs = [int(r) for r in segments]
+    if len(runs) != n_probs or min(runs, default=0) < 0:
+        raise ValueError(f"fast_drift: segments must give each of the {n_probs} problems a segment index "
+                         f">= 0; got {len(runs)} entries, smallest {min(runs, default=None)}")
+    counts = [0] * (max(runs, default=-1) + 1)
+    for r in runs:
+        counts[r] += 1
+    if 0 in counts:
+        raise ValueError(f"fast_drift: segment {counts.index(0)} has no problems "
+                         "(segments 0..G-1 must all occur)")
+    return runs, counts
 
 
 @dataclass(frozen=True)
@@ -269,13 +299,19 @@ def _runs(total: int, size: int) -> list[tuple[list[int], int]]:
 class _Context:
     """The per-call arrays and the block computations of ``fast_drift``."""
 
-    def __init__(self, *, xc, yc, w, n_neg, opts, xp, matmul, device, take):
+    def __init__(self, *, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs):
         self.xc, self.yc, self.w, self.device, self.take = xc, yc, w, device, take
         self.n_neg, self.opts, self.xp, self.matmul = n_neg, opts, xp, matmul
         self.y2 = xp.sum(yc * yc, axis=-1)  # [L, J]
-        self.dist_unit = None  # S floored, when distances are normalized
-        self.penalty = None  # added to a sample's own (scaled) distance
+        self.dist_unit = None  # S floored per problem [L or 1, 1, 1], when distances are normalized
+        self.penalty = None  # added to a sample's own (scaled) distance: a number or [L or 1, 1, 1]
         dt, dev = xc.dtype, device
+        # Segments of problems with their own statistics: index [L] and membership [L, G] (0/1).
+        self.segmented = runs is not None
+        if self.segmented:
+            self.run_index = xp.asarray(runs, device=dev)
+            member = xp.expand_dims(self.run_index, axis=-1) == xp.arange(max(runs) + 1, device=dev)
+            self.membership = xp.astype(member, dt)
         taus = opts.taus
         # Exponent factors [1, T, 1, 1]: 1/(2 tau) for the "both" halves, 1/tau otherwise.
         half = 0.5 if opts.kernel == "both" else 1.0
@@ -286,6 +322,31 @@ class _Context:
     def problems(self, a: Any, b: _Block) -> Any:
         """a[block's problems] for a [L, ...]."""
         return self.take(a, b.p0, b.problems, 0)
+
+    def run_sums(self, a: Any, b: _Block | None = None) -> Any:
+        """Sums over each segment's problems [G, ...] of per-problem values a [p, ...] (block b's, or
+        all L)."""
+        xp = self.xp
+        if not self.segmented:
+            return xp.sum(a, axis=0, keepdims=True)
+        member = self.membership if b is None else self.problems(self.membership, b)  # [p, G]
+        member = xp.reshape(member, (*member.shape, *(1,) * (a.ndim - 1)))
+        # A masked sum, not a product with the 0/1 matrix: exact, and free of TF32 settings.
+        return xp.sum(member * xp.expand_dims(a, axis=1), axis=0)
+
+    def per_problem(self, v: Any, ndim: int) -> Any:
+        """Per-segment values v [G, ...] (or a number) for every problem: [L, ...] ([1, ...] without
+        segments), padded with trailing unit axes to ``ndim`` dims."""
+        xp = self.xp
+        if isinstance(v, (int, float)):
+            return v
+        if self.segmented:
+            v = xp.take(v, self.run_index, axis=0)
+        return xp.reshape(v, (*v.shape, *(1,) * (ndim - v.ndim)))
+
+    def of_block(self, a: Any, b: _Block) -> Any:
+        """``per_problem`` values for block b's problems (numbers and [1, ...] as they are)."""
+        return a if isinstance(a, (int, float)) or not self.segmented else self.problems(a, b)
 
     def rows(self, a: Any, b: _Block) -> Any:
         """a[block's problems, block's rows] for a [L, N, ...]."""
@@ -317,18 +378,19 @@ class _Context:
     def scaled(self, dist: Any, b: _Block) -> Any:
         """d-hat [p, rows, J]: d / S (normalize) plus the self penalty."""
         xp = self.xp
-        d_hat = dist if self.dist_unit is None else dist / self.dist_unit
+        d_hat = dist if self.dist_unit is None else dist / self.of_block(self.dist_unit, b)
         mask = self.self_mask(b)
-        return d_hat if mask is None else xp.where(mask, d_hat + self.penalty, d_hat)
+        return d_hat if mask is None else xp.where(mask, d_hat + self.of_block(self.penalty, b), d_hat)
 
     def penalized_column_min(self, col_min: Any) -> Any:
         """Column minima of d-hat [L, J] from minima of d excluding self pairs [L, J]."""
         xp = self.xp
-        m = col_min if self.dist_unit is None else col_min / self.dist_unit
+        m = col_min if self.dist_unit is None else col_min / self.dist_unit[..., 0]
         if self.opts.x_as_negatives:
             n, j = self.xc.shape[-2], self.yc.shape[-2]
             is_x = xp.arange(j, device=self.device) < n
-            m = xp.where(is_x, xp.minimum(m, self.penalty + 0.0 * m), m)
+            penalty = self.penalty if isinstance(self.penalty, (int, float)) else self.penalty[..., 0]
+            m = xp.where(is_x, xp.minimum(m, penalty + 0.0 * m), m)
         return m
 
     def column_factor_terms(self, d_hat: Any, col_min: Any) -> Any:
@@ -337,7 +399,7 @@ class _Context:
         return xp.exp(xp.expand_dims(xp.expand_dims(col_min, axis=-2) - d_hat, axis=1) * self.rate)
 
     def block_drift(self, d_hat: Any, b: _Block, col_stats: Any) -> tuple[Any, Any]:
-        """F [p, T, rows, D] (centred coordinates, input units) and the neighbour sums [T]."""
+        """F [p, T, rows, D] (centred coordinates, input units) and the neighbour sums [p, T]."""
         xp, opts = self.xp, self.opts
         e = xp.expand_dims(d_hat, axis=1)  # [p, 1, rows, J]
         row_f = col_f = None
@@ -402,11 +464,11 @@ def _scale(a: Any, factor: Any) -> Any:
 
 
 def _neighbour_sums(a: Any, xp: Any) -> Any:
-    """Sum over problems and rows of exp(entropy of the row of A normalized to 1) -> [T].
+    """Sum over rows of exp(entropy of the row of A normalized to 1), per problem -> [p, T].
 
     a [p, T, rows, J]; divided by the number of rows this is ``effective_neighbours`` per tau.
     """
     total = xp.sum(a, axis=-1, keepdims=True)
     p = a / xp.where(total > 0, total, 1)
     plogp = xp.where(p > 0, p * xp.log(xp.where(p > 0, p, 1)), 0)
-    return xp.sum(xp.exp(-xp.sum(plogp, axis=-1)), axis=(0, 2))
+    return xp.sum(xp.exp(-xp.sum(plogp, axis=-1)), axis=2)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from array_api_compat import array_namespace
 
+from driftloss._arrays import compute_dtype
 from driftloss._backends import backend_for
 from driftloss._drift import DriftOptions
-from driftloss._loss import DEFAULT_TAUS, _validated, drifting_loss
+from driftloss._loss import DEFAULT_TAUS, _drift_of, _validated, full_weight, regression_loss
 from driftloss._validation import REDUCTIONS, as_taus, check_options
 
-# drifting_loss options the fused path reads (it declines values it does not support).
-_FUSABLE_OPTIONS = frozenset({"normalize", "kernel", "affinity_floor", "attraction", "repulsion",
-                              "x_as_negatives"})
+# The drifting_loss keyword options that drifting_loss_groups passes through.
+_LOSS_OPTIONS = frozenset({"normalize", "kernel", "affinity_floor", "attraction", "repulsion",
+                           "x_as_negatives"})
 
 
 def drifting_loss_groups(
@@ -62,6 +64,12 @@ def drifting_loss_groups(
     one ``drifting_loss`` call on [..., L, N, C]: they share the group's S and lambda, and each
     location has its own kernel over the N (+ M + P) samples at that location.
 
+    Groups of one shape (those of one feature map: same leading dims, n and C) are evaluated
+    together on JAX and on torch accelerators: their locations are stacked into one blocked
+    evaluation in which each group keeps its own S and lambda, with the same result as separate
+    calls and a fraction of the array operations (on a GPU, kernel launches).
+    On CUDA, shapes the fused kernels take go to them first (``driftloss.adapters.torch_fused``).
+
     Returns the total loss (0-d, or [...] with reduction="none"), and the stats if asked.
     """
     fn = "drifting_loss_groups"
@@ -70,58 +78,124 @@ def drifting_loss_groups(
     names = _check_groups(fn, gen, pos, neg)
     if xp is None:
         xp = array_namespace(*_all_arrays(gen, pos, neg))
-    weights = {k: None if w is None else xp.expand_dims(w, axis=-2)  # [..., n] -> [..., 1, n]
-               for k, w in (("x_weight", x_weight), ("pos_weight", pos_weight), ("neg_weight", neg_weight))}
+    weights = tuple(None if w is None else xp.expand_dims(w, axis=-2)  # [..., n] -> [..., 1, n]
+                    for w in (x_weight, neg_weight, pos_weight))
+    opts = _options(fn, taus, return_stats, cross_replica_sum, loss_options)
+    calls, be, opts = _validated_calls(fn, names, gen, pos, neg, weights, opts, xp)
 
-    fused = _fused_total(names, gen, pos, neg, taus, weights, reduction, return_stats, cross_replica_sum,
-                         loss_options, xp)
-    if fused is not None:
-        return fused
+    if be.fused_loss is not None and not return_stats and reduction != "none":
+        total = be.fused_loss(calls, opts, reduction)  # every group in one fused evaluation (torch on CUDA)
+        if total is not None:
+            return total
+    per_group = _shared_losses(calls, opts, reduction, xp, be)
     total, stats = None, {}
-    for name in names:
-        x, p = _locations_first(gen[name], xp), _locations_first(pos[name], xp)
-        q = None if neg is None else _locations_first(neg[name], xp)
-        try:
-            out = drifting_loss(x, p, q, taus, **weights, reduction=reduction, return_stats=return_stats,
-                                cross_replica_sum=cross_replica_sum, xp=xp, **loss_options)
-        except (ValueError, TypeError) as e:
-            if type(e) not in (ValueError, TypeError):  # framework errors (e.g. tracer errors) as they are
-                raise
-            raise type(e)(f"{fn}: group {name!r}: {e}") from e
-        loss, group_stats = out if return_stats else (out, None)
+    for name, (loss, group_stats) in zip(names, per_group):
         if reduction == "none":
             loss = xp.mean(loss, axis=-1)  # [..., L] -> [...]
         total = loss if total is None else total + loss
         if return_stats:
             stats[name] = {**group_stats, "loss": _detached(loss, xp)}
-    total = backend_for(xp).as_array(total)  # NumPy reductions give scalars
+    total = be.as_array(total)  # NumPy reductions give scalars
     return (total, stats) if return_stats else total
 
 
-def _fused_total(names, gen, pos, neg, taus, weights, reduction, return_stats, cross_replica_sum,
-                 loss_options, xp):
-    """Every group in one fused evaluation where the backend has one (torch on CUDA), else None."""
-    be = backend_for(xp)
-    if be.fused_loss is None or return_stats or reduction == "none":
+def _options(fn, taus, return_stats, cross_replica_sum, loss_options) -> DriftOptions:
+    """The DriftOptions of every group's call, checked once."""
+    unknown = sorted(set(loss_options) - _LOSS_OPTIONS)
+    if unknown:
+        raise TypeError(f"{fn}: unknown option(s) {unknown}; the drifting_loss options it takes are "
+                        f"{sorted(_LOSS_OPTIONS)}")
+    opts = DriftOptions(taus=as_taus(fn, taus), with_stats=return_stats, cross_replica_sum=cross_replica_sum,
+                        **loss_options)
+    check_options(fn, kernel=opts.kernel, reduction=None, affinity_floor=opts.affinity_floor,
+                  attraction=opts.attraction, repulsion=opts.repulsion)
+    return opts
+
+
+def _validated_calls(fn, names, gen, pos, neg, weights, opts, xp):
+    """Each group as a checked ``drifting_loss`` call (x, pos, neg, (x_w, neg_w, pos_w)) on
+    [..., L, n, C] views; errors name the group. Returns (calls, backend, options)."""
+    x_w, neg_w, pos_w = weights
+    calls = []
+    for k, name in enumerate(names):
+        x, p = _locations_first(gen[name], xp), _locations_first(pos[name], xp)
+        q = None if neg is None else _locations_first(neg[name], xp)
+        try:
+            # The weights are the same arrays in every group: their signs are read once.
+            _, be, group_opts = _validated("drifting_loss", x, p, q, x_w, pos_w, neg_w, opts, xp,
+                                           weight_signs=k == 0)
+        except (ValueError, TypeError) as e:
+            if type(e) not in (ValueError, TypeError):  # framework errors (e.g. tracer errors) as they are
+                raise
+            raise type(e)(f"{fn}: group {name!r}: {e}") from e
+        calls.append((x, p, q, weights))
+    return calls, be, group_opts
+
+
+def _shared_losses(calls, opts, reduction, xp, be):
+    """[(loss, stats)] per call. Where the backend has a fast drift and shares groups
+    (``Backend.share_groups``), the calls of one shape (the groups of a feature map) share one
+    evaluation; otherwise each call runs on its own."""
+    out = [None] * len(calls)
+    buckets: dict[tuple, list[int]] = {}
+    for i, (x, p, q, _) in enumerate(calls):
+        key = (tuple(x.shape[:-3]), tuple(x.shape[-2:]), p.shape[-2], None if q is None else q.shape[-2],
+               compute_dtype(xp, [x, p, q]), be.device(x))
+        buckets.setdefault(key, []).append(i)
+    for idx in buckets.values():
+        group = [calls[i] for i in idx]
+        shared = _stacked_losses(group, opts, reduction, xp, be) if len(idx) > 1 else None
+        for i, result in zip(idx, shared or [_single_loss(c, opts, reduction, xp, be) for c in group]):
+            out[i] = result
+    return out
+
+
+def _single_loss(call, opts, reduction, xp, be):
+    """(loss, stats) of one call, as ``drifting_loss`` computes it."""
+    x, p, q, (x_w, neg_w, pos_w) = call
+    xq, v, s, stats = _drift_of(x, p, q, x_w, pos_w, neg_w, opts, xp, be)
+    return regression_loss(xq, v, s, reduction, xp, be), {k: be.as_array(a) for k, a in stats.items()}
+
+
+def _stacked_losses(calls, opts, reduction, xp, be):
+    """[(loss, stats)] of calls of one shape [..., L_g, n, C] that share their weights, from one
+    ``compute_drift`` over their problems stacked along the location axis [..., sum L_g, n, C]:
+    each call is a segment with its own S, s and lambda (``_fast_drift.fast_drift``), and one
+    regression gives every problem's loss. None where the backend has no fast drift, does not share
+    groups on this device, or declines."""
+    x0, p0, q0, shared_weights = calls[0]
+    if be.compute_drift is None or not be.share_groups(x0):
         return None
-    try:
-        opts = DriftOptions(taus=as_taus("drifting_loss", taus), cross_replica_sum=cross_replica_sum,
-                            **{k: v for k, v in loss_options.items() if k in _FUSABLE_OPTIONS})
-        if set(loss_options) - _FUSABLE_OPTIONS:
+    cd = compute_dtype(xp, [x0, p0, q0])
+    sizes = [c[0].shape[-3] for c in calls]
+    run_of_location = [g for g, size in enumerate(sizes) for _ in range(size)]
+
+    def stacked(i):  # the calls' i-th points along the location axis
+        if calls[0][i] is None:
             return None
-        check_options("drifting_loss", kernel=opts.kernel, reduction=reduction,
-                      affinity_floor=opts.affinity_floor, attraction=opts.attraction,
-                      repulsion=opts.repulsion)
-        calls = []
-        for name in names:
-            x, p = _locations_first(gen[name], xp), _locations_first(pos[name], xp)
-            q = None if neg is None else _locations_first(neg[name], xp)
-            _, _, opts_g = _validated("drifting_loss", x, p, q, weights["x_weight"], weights["pos_weight"],
-                                      weights["neg_weight"], opts, xp)
-            calls.append((x, p, q, (weights["x_weight"], weights["neg_weight"], weights["pos_weight"])))
-    except (ValueError, TypeError):
-        return None  # the per-group path reports the error with the group's name
-    return be.fused_loss(calls, opts_g, reduction)
+        return xp.concat([xp.astype(c[i], cd, copy=False) for c in calls], axis=-3)
+
+    xq = stacked(0)  # carries the gradient back to each call's x
+    with be.field_context(x0):
+        xs, ps, ns = (None if a is None else be.stop_gradient(a) for a in (xq, stacked(1), stacked(2)))
+        weights = tuple(None if pts is None else full_weight(w, pts, cd, xp, be)
+                        for w, pts in zip(shared_weights, (xs, ns, ps)))  # (x_w, neg_w, pos_w)
+        out = be.compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=be.matmul or xp.matmul,
+                               device=be.device, segments=run_of_location * math.prod(x0.shape[:-3]))
+    if out is None:
+        return None
+    v, s, stats = out
+    if opts.normalize:  # s [G] -> each location's [sum L, 1, 1]
+        index = xp.asarray(run_of_location, device=be.device(x0))
+        s = xp.reshape(xp.take(s, index, axis=0), (-1, 1, 1))
+    per_problem = regression_loss(xq, v, s, "none", xp, be)  # [..., sum L]
+    results, start = [], 0
+    for g, size in enumerate(sizes):
+        part = per_problem[..., start:start + size]
+        start += size
+        loss = xp.mean(part) if reduction == "mean" else xp.sum(part) if reduction == "sum" else part
+        results.append((be.as_array(loss), {k: be.as_array(a[g, ...]) for k, a in stats.items()}))
+    return results
 
 
 def _check_groups(fn: str, gen: Any, pos: Any, neg: Any) -> list[str]:

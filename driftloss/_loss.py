@@ -88,6 +88,14 @@ def drifting_loss(
         if loss is not None:
             return loss
     xq, v, s, stats = _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be)
+    loss = regression_loss(xq, v, s, reduction, xp, be)
+    stats = {k: be.as_array(v) for k, v in stats.items()}
+    return (loss, stats) if return_stats else loss
+
+
+def regression_loss(xq: Any, v: Any, s: Any, reduction: str, xp: Any, be: Any) -> Any:
+    """The loss of DESIGN §2 step 5: mean over [..., N, D] of (x/s - stop_gradient(x/s + V))^2 per
+    problem, reduced by ``reduction``. xq [..., N, D] in the compute dtype carries the gradient."""
     scaled = xq / s
     target = be.stop_gradient(scaled + v)
     diff = scaled - target
@@ -98,9 +106,7 @@ def drifting_loss(
         loss = xp.sum(per_problem)
     else:
         loss = per_problem
-    loss = be.as_array(loss)
-    stats = {k: be.as_array(v) for k, v in stats.items()}
-    return (loss, stats) if return_stats else loss
+    return be.as_array(loss)
 
 
 def drift_field(
@@ -141,8 +147,12 @@ def drift_field(
     return (v, {k: be.as_array(a) for k, a in stats.items()}) if return_stats else v
 
 
-def _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp):
-    """Check the inputs of one call; returns (xp, backend, opts with the default replica sum)."""
+def _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, weight_signs=True):
+    """Check the inputs of one call; returns (xp, backend, opts with the default replica sum).
+
+    weight_signs=False skips reading the weights' values (a device sync on a GPU) for a caller
+    that has checked the same weights already.
+    """
     arrays = {"x": x, "pos": pos, "neg": neg, "x_weight": x_weight, "pos_weight": pos_weight,
               "neg_weight": neg_weight}
     xp = resolve_namespace(fn, arrays, xp)
@@ -152,7 +162,7 @@ def _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp):
     check_points(fn, x, pos, neg, x_as_negatives=opts.x_as_negatives)
     for name, w, pts, pts_name in (("x_weight", x_weight, x, "x"), ("pos_weight", pos_weight, pos, "pos"),
                                    ("neg_weight", neg_weight, neg, "neg")):
-        check_weight(fn, name, w, pts, pts_name, xp, be.is_concrete)
+        check_weight(fn, name, w, pts, pts_name, xp, be.is_concrete, check_sign=weight_signs)
     if opts.cross_replica_sum is None:
         opts = dataclasses.replace(opts, cross_replica_sum=be.default_replica_sum())
     return xp, be, opts
@@ -171,19 +181,19 @@ def _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be):
     """(x in compute dtype with gradient, V, s, stats) of validated inputs."""
     cd = compute_dtype(xp, [x, pos, neg])
     matmul = be.matmul or xp.matmul
-    xq = xp.astype(x, cd)
+    xq = xp.astype(x, cd, copy=False)
     with be.field_context(x):
-        xs, ps = (be.stop_gradient(xp.astype(a, cd)) for a in (x, pos))
-        ns = None if neg is None else be.stop_gradient(xp.astype(neg, cd))
+        xs, ps = (be.stop_gradient(xp.astype(a, cd, copy=False)) for a in (x, pos))
+        ns = None if neg is None else be.stop_gradient(xp.astype(neg, cd, copy=False))
         weights = tuple(
-            None if pts is None else _full_weight(w, pts, cd, xp, be)
+            None if pts is None else full_weight(w, pts, cd, xp, be)
             for w, pts in ((x_weight, x), (neg_weight, neg), (pos_weight, pos))
         )
         v, s, stats = compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=matmul, device=be.device)
     return xq, v, s, stats
 
 
-def _full_weight(w, points, dtype, xp, be):
+def full_weight(w, points, dtype, xp, be):
     """Column weight broadcast to points.shape[:-1] in ``dtype``; ones when None."""
     shape = tuple(points.shape[:-1])
     if w is None:

@@ -51,10 +51,12 @@ def check_points(fn: str, x: Any, pos: Any, neg: Any, *, x_as_negatives: bool) -
 
 
 def check_weight(fn: str, name: str, w: Any, points: Any, points_name: str, xp: Any,
-                 is_concrete: Any) -> None:
+                 is_concrete: Any, check_sign: bool = True) -> None:
     """A column weight: shape [..., n] broadcastable to points.shape[:-1], non-negative.
 
-    The sign is checked only where the values can be read (not under jit, compile or vmap).
+    The sign is checked only where the values can be read (not under jit, compile or vmap), and
+    not with check_sign=False (a caller that checked the same weight already: on a GPU, reading a
+    value waits for the device).
     """
     if w is None:
         return
@@ -72,6 +74,8 @@ def check_weight(fn: str, name: str, w: Any, points: Any, points_name: str, xp: 
         )
     if not xp.isdtype(w.dtype, "real floating"):
         raise TypeError(f"{fn}: {name} must have a real floating dtype; got {w.dtype}")
+    if not check_sign:
+        return
     negative = xp.any(w < 0)
     if is_concrete(negative) and bool(negative):
         raise ValueError(f"{fn}: {name} must be non-negative; got a minimum of {float(xp.min(w))}")

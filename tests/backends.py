@@ -7,6 +7,8 @@ backend has autodiff / a compiler.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,3 +122,20 @@ def _jax() -> Backend:
 
 
 B: Backend = {"numpy": _numpy, "strict": _strict, "torch": _torch, "jax": _jax}[NAME]()
+
+# Where the driftloss hooks (driftloss._backends.Backend) of the backend under test live:
+# (module, attribute); strict runs the generic hooks, which have no fast path.
+HOOKS_AT = {"torch": ("driftloss.adapters.torch", "BACKEND"), "jax": ("driftloss.adapters.jax", "BACKEND"),
+            "numpy": ("driftloss._backends", "_NUMPY")}.get(NAME)
+
+
+def driftloss_hooks() -> Any:
+    """The driftloss hooks the backend under test uses (needs HOOKS_AT)."""
+    module, attr = HOOKS_AT
+    return getattr(importlib.import_module(module), attr)
+
+
+def swap_hooks(mp: Any, **changes: Any) -> None:
+    """Replace some of those hooks (e.g. compute_drift=spy) while the pytest MonkeyPatch ``mp`` lasts."""
+    module, attr = HOOKS_AT
+    mp.setattr(importlib.import_module(module), attr, dataclasses.replace(driftloss_hooks(), **changes))

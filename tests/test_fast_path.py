@@ -9,13 +9,12 @@ and rows. Tolerances (relative): 1e-10 in float64, 1e-5 in float32.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import itertools
 
 import numpy as np
 import pytest
-from backends import B
+from backends import HOOKS_AT, B, driftloss_hooks, swap_hooks
 
 from driftloss import drifting_loss
 from driftloss._backends import backend_for
@@ -24,10 +23,8 @@ from driftloss._drift import reference_drift as _reference_drift
 from driftloss._fast_drift import fast_drift as _fast_drift
 
 TOL = {np.float64: 1e-10, np.float32: 1e-5}
-HAS_HOOK = B.name in ("torch", "jax", "numpy")
-# (module, attribute) holding the backend's hooks, and the module of its block budgets.
-HOOKS = {"torch": ("driftloss.adapters.torch", "BACKEND"), "jax": ("driftloss.adapters.jax", "BACKEND"),
-         "numpy": ("driftloss._backends", "_NUMPY")}.get(B.name)
+HAS_HOOK = HOOKS_AT is not None
+# The module of the backend's block budgets.
 FAST = {"torch": "driftloss.adapters.torch_fast", "jax": "driftloss.adapters.jax_fast",
         "numpy": "driftloss._fast_drift"}.get(B.name)
 needs_hook = pytest.mark.skipif(not HAS_HOOK, reason=f"{B.name} has no fast-path hook (runs the reference)")
@@ -77,7 +74,7 @@ def _options(case, *, stats=False, crs=None):
 
 
 def _matmul():
-    be = _hooks() if HAS_HOOK else None
+    be = driftloss_hooks() if HAS_HOOK else None
     return (be.matmul if be is not None and be.matmul is not None else B.xp.matmul)
 
 
@@ -153,22 +150,52 @@ def test_cross_replica_sum_matches_reference():
     assert calls and _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
 
 
+SEGMENT_CASES = [c for c in OPTION_GRID if c["attraction"] == 1.0 and c["x_as_negatives"] and c["with_neg"]]
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_segments_equal_separate_calls(case):
+    """Problems in G segments (interleaved, as drifting_loss_groups stacks groups along their
+    locations) give each segment the drift, s and stats of a call of its own, for every block plan
+    (blocks that straddle segments, one problem per block, rows split)."""
+    x, pos, neg, w = _problem(5, lead=(2, 3), with_neg=case["with_neg"])
+    opts = _options(case, stats=True)
+    runs = [0, 1, 0, 2, 1, 2]  # segment of each of the 2*3 problems (row-major)
+
+    def problems(a, idx):  # the chosen problems of a [2, 3, ...] as [k, ...]
+        a = B.to_numpy(a)
+        return B.asarray(a.reshape(6, *a.shape[2:])[idx], np.float64)
+
+    for block in (*BLOCKS, 2 * 7 * 3 * 16):  # the last: two whole problems per block
+        v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
+                              segments=runs)
+        v = B.to_numpy(v).reshape(6, 7, 3)
+        for g in range(3):
+            idx = [i for i, r in enumerate(runs) if r == g]
+            args = [None if a is None else problems(a, idx) for a in (x, pos, neg)]
+            wg = tuple(None if a is None else problems(a, idx) for a in w)
+            v_g, s_g, st_g = reference_drift(*args, wg, opts, xp=B.xp, matmul=_matmul())
+            assert _rel(v[idx], B.to_numpy(v_g)) < 1e-10, (block, g)
+            assert float(B.to_numpy(s)[g] if case["normalize"] else s) == pytest.approx(float(s_g), rel=1e-12)
+            for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
+                assert _rel(B.to_numpy(st[key])[g], B.to_numpy(st_g[key])) < 1e-10, (key, block, g)
+
+
+def test_segments_are_checked():
+    x, pos, neg, w = _problem(6, lead=(3,))
+    opts = DriftOptions(taus=(0.05,))
+    for bad, match in (([0, 1], "each of the 3 problems"), ([0, 2, 0], "segment 1 has no problems"),
+                       ([0, -1, 0], "each of the 3 problems")):
+        with pytest.raises(ValueError, match=match):
+            fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), segments=bad)
+
+
 # ---- the public loss on torch / JAX: dispatch, loss and gradient against the reference ----------
-
-def _hooks():
-    module, attr = HOOKS
-    return getattr(importlib.import_module(module), attr)
-
-
-def _with_hooks(mp, **changes):
-    module, attr = HOOKS
-    mp.setattr(importlib.import_module(module), attr, dataclasses.replace(_hooks(), **changes))
-
 
 def _on_reference(fn):
     """fn() with the backend's fast path switched off (its hooks without compute_drift)."""
     with pytest.MonkeyPatch.context() as mp:
-        _with_hooks(mp, compute_drift=None)
+        swap_hooks(mp, compute_drift=None)
         return fn()
 
 
@@ -187,7 +214,7 @@ def _loss_and_grad(f, x, compiled=False):
 
 @needs_hook
 def test_public_loss_dispatches_to_fast_path():
-    hook, seen = _hooks().compute_drift, []
+    hook, seen = driftloss_hooks().compute_drift, []
 
     def spy(*args, **kwargs):
         seen.append(True)
@@ -195,7 +222,7 @@ def test_public_loss_dispatches_to_fast_path():
 
     x, pos, neg, w = _problem(4)
     with pytest.MonkeyPatch.context() as mp:
-        _with_hooks(mp, compute_drift=spy)
+        swap_hooks(mp, compute_drift=spy)
         drifting_loss(x, pos, neg, xp=B.xp)
     assert seen
 

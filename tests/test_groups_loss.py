@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from backends import B
+from backends import HOOKS_AT, B, driftloss_hooks, swap_hooks
 
 import driftloss
 
@@ -11,9 +11,9 @@ G, N, P, M = 2, 5, 6, 4
 SHAPES = {"s1.loc": (4, 3), "s2.mean_2": (2, 7)}  # group -> (L, C); few shapes keep JAX's compiles few
 
 
-def random_groups(n, seed, offset=0.0):
+def random_groups(n, seed, offset=0.0, shapes=SHAPES):
     rng = np.random.default_rng(seed)
-    return {k: rng.normal(size=(G, n, L, C)) + offset for k, (L, C) in SHAPES.items()}
+    return {k: rng.normal(size=(G, n, L, C)) + offset for k, (L, C) in shapes.items()}
 
 
 def on_backend(groups, dtype=F64):
@@ -129,9 +129,10 @@ def test_gradient_equals_sum_of_single_call_gradients(data):
 
 
 @pytest.mark.skipif(B.compile is None, reason="needs a compiler (torch.compile or jax.jit)")
-def test_under_compile(data):
+@pytest.mark.parametrize("groups", ["different shapes", "one shape"])
+def test_under_compile(data, shared_data, groups, sharing):
     # One temperature keeps the compile short.
-    gen, pos, _ = data
+    gen, pos, _ = data if groups == "different shapes" else shared_data
     g, p = on_backend(gen, np.float32), on_backend(pos, np.float32)
 
     def loss(a, b):
@@ -140,6 +141,98 @@ def test_under_compile(data):
     eager = loss(g, p)
     compiled = B.compile(loss)(g, p)
     np.testing.assert_allclose(B.to_numpy(compiled), B.to_numpy(eager), rtol=1e-5)
+
+
+# Groups of one feature map share C (and n): they are evaluated together, each with its own S and lambda.
+SHARED = {"m.loc": (4, 3), "m.mean": (1, 3), "m.mean_2": (2, 3), "n.loc": (2, 7)}
+
+
+@pytest.fixture(scope="module")
+def shared_data():
+    return (random_groups(N, 5, shapes=SHARED), random_groups(P, 6, offset=0.3, shapes=SHARED),
+            random_groups(M, 7, offset=-0.2, shapes=SHARED))
+
+
+@pytest.fixture(params=["shared", "one by one"])
+def sharing(request):
+    """Groups of one shape evaluated together (forced on every backend with a fast drift) or not."""
+    if HOOKS_AT is None:
+        if request.param == "shared":
+            pytest.skip(f"{B.name} has no fast drift: each group runs the reference")
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        swap_hooks(mp, share_groups=lambda a, on=request.param == "shared": on)
+        yield request.param
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(normalize=False, kernel="y"), dict(affinity_floor=1e-6)])
+def test_groups_of_one_shape_equal_separate_calls(shared_data, kw, sharing):
+    gen, pos, neg = shared_data
+    w = np.repeat(driftloss.cfg_weight(np.array([1.5, 3.0]), N, M)[:, None], M, axis=1)  # [G, M]
+    taus = (0.05, 0.2) if kw.get("normalize", True) else (0.5, 1.0)
+    total, stats = driftloss.drifting_loss_groups(
+        on_backend(gen), on_backend(pos), on_backend(neg), taus, neg_weight=B.asarray(w, F64),
+        return_stats=True, **kw)
+    per_class = driftloss.drifting_loss_groups(
+        on_backend(gen), on_backend(pos), on_backend(neg), taus, neg_weight=B.asarray(w, F64),
+        reduction="none", **kw)
+    singles = {k: single_loss(gen[k], pos[k], neg[k], taus=taus, neg_weight=B.asarray(w[:, None, :], F64),
+                              return_stats=True, reduction="none", **kw) for k in SHARED}
+    by_hand = sum(B.to_numpy(loss).mean(axis=-1) for loss, _ in singles.values())
+    np.testing.assert_allclose(B.to_numpy(per_class), by_hand, rtol=1e-12)
+    np.testing.assert_allclose(float(B.to_numpy(total)), by_hand.mean(), rtol=1e-12)
+    for k, (loss, single_stats) in singles.items():
+        np.testing.assert_allclose(B.to_numpy(stats[k]["loss"]), B.to_numpy(loss).mean(), rtol=1e-12)
+        for key, value in single_stats.items():
+            np.testing.assert_allclose(B.to_numpy(stats[k][key]), B.to_numpy(value), rtol=1e-12,
+                                       err_msg=f"{k} {key}")
+
+
+@pytest.mark.skipif(not B.has_autodiff, reason="needs autodiff (torch or jax)")
+def test_groups_of_one_shape_gradients(shared_data, sharing):
+    gen, pos, _ = shared_data
+    pos_b = on_backend(pos)
+    arrays = on_backend(gen)
+
+    for name in ("m.loc", "m.mean"):
+        def total_of(a, name=name):
+            return driftloss.drifting_loss_groups({**arrays, name: a}, pos_b)
+
+        def single_of(a, name=name):
+            p = B.asarray(pos[name].transpose(0, 2, 1, 3), F64)
+            return driftloss.drifting_loss(B.xp.permute_dims(a, (0, 2, 1, 3)), p)
+
+        got, expected = (B.to_numpy(B.grad(f, arrays[name])) for f in (total_of, single_of))
+        assert np.abs(got).max() > 0
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_groups_of_one_shape_share_one_drift_evaluation(shared_data, sharing):
+    if HOOKS_AT is None:
+        pytest.skip(f"{B.name} has no fast drift: each group runs the reference")
+    gen, pos, _ = shared_data
+    hook, seen = driftloss_hooks().compute_drift, []
+
+    def spy(*args, segments=None, **kwargs):
+        seen.append(None if segments is None else list(segments))
+        return hook(*args, segments=segments, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        swap_hooks(mp, compute_drift=spy)
+        driftloss.drifting_loss_groups(on_backend(gen), on_backend(pos))
+    if sharing == "shared":  # m.* stacked along their locations (4 + 1 + 2 per class, 2 classes); n.loc alone
+        assert sorted(seen, key=lambda s: s is None) == [[0, 0, 0, 0, 1, 2, 2] * G, None]
+    else:
+        assert seen == [None] * len(SHARED)
+
+
+def test_groups_are_shared_where_operations_have_a_fixed_cost():
+    """JAX and torch accelerators stack the groups of one shape; eager CPU libraries do not."""
+    if HOOKS_AT is None:
+        pytest.skip(f"{B.name} has no fast drift: each group runs the reference")
+    x = B.asarray(np.zeros((2, 3)), F64)
+    assert driftloss_hooks().share_groups(x) == (B.name == "jax")
 
 
 def _bad(data, **changes):
