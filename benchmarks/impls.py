@@ -11,9 +11,10 @@ torch:k=v,...  the fused path with other settings: prec=D/L/F (tl.dot input prec
                distance, lambda and drift products), warps=, bc= (channels per step), work=
                (channels per work item), stages= (software pipelining depth, lowered
                automatically where shared memory is short); e.g. torch:prec=tf32x3/tf32/tf32x3
-torch-blocked  the same with the fused hook switched off (the blocked fast drift on torch; the groups
-               of one feature map share one evaluation, each with its own S and lambda)
-torch-pergroup torch-blocked with one evaluation per group (as before the groups were shared)
+torch-blocked  the same with the fused hook switched off (the blocked fast drift on torch; on CUDA the
+               groups of one feature map share one evaluation, each with its own S and lambda)
+torch-pergroup torch-blocked with one evaluation per group (what torch-blocked ran before the groups
+               were shared, and what it runs on the CPU, where torch does not share them)
 torch-core     the same with both hooks switched off (the reference core on torch)
 jax, jax-core  the sum of one driftloss.adapters.jax.drifting_loss per call (group) under
                jax.jit(jax.value_and_grad(...)), fast path on / off
