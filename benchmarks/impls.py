@@ -50,9 +50,10 @@ class Runner:
 
 
 @contextlib.contextmanager
-def fast_path(adapter: str, enabled: bool, fused: bool | None = None):
+def fast_path(adapter: str, enabled: bool, fused: bool | None = None, shared: bool | None = None):
     """Temporarily switch a framework's fast-path hooks off: compute_drift (enabled=False) and
-    fused_loss (fused=False; default: as enabled)."""
+    fused_loss (fused=False; default: as enabled); shared=True/False forces share_groups (the
+    groups of one shape in one evaluation) on or off."""
     import importlib
 
     module = importlib.import_module(f"driftloss.adapters.{adapter}")
@@ -61,6 +62,8 @@ def fast_path(adapter: str, enabled: bool, fused: bool | None = None):
     changes = {} if enabled else {"compute_drift": None}
     if not fused and hasattr(saved, "fused_loss"):
         changes["fused_loss"] = None
+    if shared is not None:
+        changes["share_groups"] = lambda a: shared
     module.BACKEND = dataclasses.replace(saved, **changes)
     try:
         yield
@@ -93,19 +96,6 @@ def fused_settings(spec: str):
         torch_fused.PRECISION, torch_fused.TILING = saved
 
 
-@contextlib.contextmanager
-def groups_one_by_one():
-    """drifting_loss_groups with one drift evaluation per group (no shared evaluation per shape)."""
-    from driftloss import _groups_loss
-
-    saved = _groups_loss._stacked_losses
-    _groups_loss._stacked_losses = lambda *args: None  # None: "declined", each group runs alone
-    try:
-        yield
-    finally:
-        _groups_loss._stacked_losses = saved
-
-
 def context(impl: str) -> contextlib.AbstractContextManager:
     """A fresh context in which ``impl``'s runner must run (hooks switched, settings applied)."""
     if impl.startswith("torch:"):
@@ -113,10 +103,7 @@ def context(impl: str) -> contextlib.AbstractContextManager:
     if impl in ("torch-blocked", "reference-cuda-blocked"):
         return fast_path("torch", True, fused=False)
     if impl == "torch-pergroup":
-        stack = contextlib.ExitStack()
-        stack.enter_context(fast_path("torch", True, fused=False))
-        stack.enter_context(groups_one_by_one())
-        return stack
+        return fast_path("torch", True, fused=False, shared=False)
     if impl in ("torch-core", "reference-cuda"):
         return fast_path("torch", False)
     if impl in ("jax", "jax-core"):

@@ -11,7 +11,14 @@ from array_api_compat import array_namespace
 from driftloss._arrays import compute_dtype
 from driftloss._backends import backend_for
 from driftloss._drift import DriftOptions
-from driftloss._loss import DEFAULT_TAUS, _drift_of, _validated, full_weight, regression_loss
+from driftloss._loss import (
+    DEFAULT_TAUS,
+    _validated,
+    full_weight,
+    loss_of_checked,
+    reduce_problems,
+    regression_loss,
+)
 from driftloss._validation import REDUCTIONS, as_taus, check_options
 
 # The drifting_loss keyword options that drifting_loss_groups passes through.
@@ -145,16 +152,9 @@ def _shared_losses(calls, opts, reduction, xp, be):
     for idx in buckets.values():
         group = [calls[i] for i in idx]
         shared = _stacked_losses(group, opts, reduction, xp, be) if len(idx) > 1 else None
-        for i, result in zip(idx, shared or [_single_loss(c, opts, reduction, xp, be) for c in group]):
+        for i, result in zip(idx, shared or [loss_of_checked(*c, opts, reduction, xp, be) for c in group]):
             out[i] = result
     return out
-
-
-def _single_loss(call, opts, reduction, xp, be):
-    """(loss, stats) of one call, as ``drifting_loss`` computes it."""
-    x, p, q, (x_w, neg_w, pos_w) = call
-    xq, v, s, stats = _drift_of(x, p, q, x_w, pos_w, neg_w, opts, xp, be)
-    return regression_loss(xq, v, s, reduction, xp, be), {k: be.as_array(a) for k, a in stats.items()}
 
 
 def _stacked_losses(calls, opts, reduction, xp, be):
@@ -191,10 +191,9 @@ def _stacked_losses(calls, opts, reduction, xp, be):
     per_problem = regression_loss(xq, v, s, "none", xp, be)  # [..., sum L]
     results, start = [], 0
     for g, size in enumerate(sizes):
-        part = per_problem[..., start:start + size]
+        loss = reduce_problems(per_problem[..., start:start + size], reduction, xp, be)
         start += size
-        loss = xp.mean(part) if reduction == "mean" else xp.sum(part) if reduction == "sum" else part
-        results.append((be.as_array(loss), {k: be.as_array(a[g, ...]) for k, a in stats.items()}))
+        results.append((loss, {k: be.as_array(a[g, ...]) for k, a in stats.items()}))
     return results
 
 

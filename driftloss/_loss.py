@@ -87,10 +87,15 @@ def drifting_loss(
         loss = be.fused_loss([(x, pos, neg, (x_weight, neg_weight, pos_weight))], opts, reduction)
         if loss is not None:
             return loss
-    xq, v, s, stats = _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be)
-    loss = regression_loss(xq, v, s, reduction, xp, be)
-    stats = {k: be.as_array(v) for k, v in stats.items()}
+    loss, stats = loss_of_checked(x, pos, neg, (x_weight, neg_weight, pos_weight), opts, reduction, xp, be)
     return (loss, stats) if return_stats else loss
+
+
+def loss_of_checked(x, pos, neg, weights, opts, reduction, xp, be):
+    """(loss, stats) of one validated call through the drift hooks; weights (x_w, neg_w, pos_w)."""
+    x_weight, neg_weight, pos_weight = weights
+    xq, v, s, stats = _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be)
+    return regression_loss(xq, v, s, reduction, xp, be), {k: be.as_array(a) for k, a in stats.items()}
 
 
 def regression_loss(xq: Any, v: Any, s: Any, reduction: str, xp: Any, be: Any) -> Any:
@@ -99,14 +104,16 @@ def regression_loss(xq: Any, v: Any, s: Any, reduction: str, xp: Any, be: Any) -
     scaled = xq / s
     target = be.stop_gradient(scaled + v)
     diff = scaled - target
-    per_problem = xp.mean(diff * diff, axis=(-2, -1))
+    return reduce_problems(xp.mean(diff * diff, axis=(-2, -1)), reduction, xp, be)
+
+
+def reduce_problems(per_problem: Any, reduction: str, xp: Any, be: Any) -> Any:
+    """Per-problem losses [...] -> their mean (0-d), sum (0-d) or themselves ("none")."""
     if reduction == "mean":
-        loss = xp.mean(per_problem)
-    elif reduction == "sum":
-        loss = xp.sum(per_problem)
-    else:
-        loss = per_problem
-    return be.as_array(loss)
+        return be.as_array(xp.mean(per_problem))
+    if reduction == "sum":
+        return be.as_array(xp.sum(per_problem))
+    return be.as_array(per_problem)
 
 
 def drift_field(
