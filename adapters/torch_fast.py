@@ -1,7 +1,7 @@
 """The torch fast path of the drift: ``driftloss._fast_drift`` with blocks sized for the device.
 
 ``driftloss.adapters.torch.BACKEND`` points its ``compute_drift`` hook here, so the public
-``drifting_loss`` uses it for torch calls the fused CUDA path (``torch_fused``) does not take;
+``drifting_loss`` uses it for torch calls (those the opt-in fused CUDA path ``torch_fused`` does not take);
 ``driftloss._drift.reference_drift`` stays the reference it is tested against
 (tests/test_fast_path.py). On the CPU, blocks are sized to stay in cache as for NumPy
 (``driftloss._fast_drift.cpu_block_elements``); on accelerators they are few and large.

@@ -1,7 +1,9 @@
-"""The fused CUDA drifting loss: every group of a call in three Triton launches.
+"""The fused CUDA drifting loss: every group of a call in three Triton launches. Opt-in.
 
-``driftloss.adapters.torch.BACKEND.fused_loss`` points here. ``drifting_loss`` (one group) and
-``drifting_loss_groups`` (all groups at once) hand their validated inputs to ``fused_loss``, which
+``use_fused_kernels()`` switches it on; by default torch runs the blocked fast drift everywhere,
+because these kernels have not yet been measured faster than it (see Speed below).
+``driftloss.adapters.torch.BACKEND.fused_loss`` points here. When switched on, ``drifting_loss`` (one
+group) and ``drifting_loss_groups`` (all groups at once) hand their validated inputs to ``fused_loss``, which
 takes CUDA float32 calls of the common configuration (normalize, "both" kernel, x as negatives,
 attraction == repulsion, reduction mean or sum, no stats, no cross-replica sum, N <= 128 and
 J = N + M + P <= 256, D > 4) and returns None for anything else, which then runs the general path.
@@ -21,10 +23,11 @@ float32-faithful, the default; "ieee"; or the opt-in "tf32"). On an H200, b2-cla
 (benchmarks/RESULTS.md): tf32x3 5.5e-7 relative gradient error, all-tf32 2.3e-3.
 
 Speed: on that card the first version of these kernels took 121 ms for b2-class (the
-paper-literal baseline 59 ms; JAX 36 ms): they were bound by register spills, not by the matrix
-units (tf32 ran no faster than tf32x3). This version splits the columns into x | neg | pos tiles,
-loads through block pointers and forms each temperature's weights one tile at a time, which
-ptxas reports as far fewer spills; it has not been timed on a GPU yet (benchmarks/gpu.sh).
+paper-literal baseline 59 ms; JAX 36 ms, which runs the blocked algorithm): they were bound by
+register spills, not by the matrix units (tf32 ran no faster than tf32x3). This version splits the
+columns into x | neg | pos tiles, loads through block pointers and forms each temperature's weights
+one tile at a time, which ptxas reports as far fewer spills; it has not been timed on a GPU yet
+(benchmarks/gpu.sh times it as "torch-fused" next to the default "torch").
 """
 
 from __future__ import annotations
@@ -67,6 +70,14 @@ class Tiling:
 
 PRECISION = Precision()
 TILING = Tiling()
+ENABLED = False  # use_fused_kernels()
+
+
+def use_fused_kernels(enabled: bool = True) -> None:
+    """Route supported torch CUDA calls to the fused kernels (True) or to the blocked path (False,
+    the default) from now on."""
+    global ENABLED
+    ENABLED = bool(enabled)
 
 
 @dataclass
@@ -106,7 +117,7 @@ def supported(groups: list[Group], opts: DriftOptions, reduction: str, *, allow_
 def backend_fused_loss(calls: list[tuple[Any, Any, Any, tuple[Any, Any, Any]]], opts: DriftOptions,
                        reduction: str) -> torch.Tensor | None:
     """The ``Backend.fused_loss`` hook: validated calls (x, pos, neg, raw weights) -> loss or None."""
-    if torch.compiler.is_compiling() or not _triton_available():
+    if not ENABLED or torch.compiler.is_compiling() or not _triton_available():
         return None
     if any(torch._C._functorch.is_functorch_wrapped_tensor(c[0]) for c in calls):
         return None  # vmap / grad transforms: the general path

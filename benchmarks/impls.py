@@ -5,17 +5,18 @@ numpy          driftloss on NumPy (the blocked fast drift, cache-sized blocks): 
                gives loss mean(V^2) and gradient -2 V / (s * x.size), which is what drifting_loss +
                autodiff would return; numpy-core, the same with the hook off (the core)
 torch          driftloss.drifting_loss_groups on torch (all groups in one call; one group per call
-               for the single-call scenarios) + backward: what a user runs. On CUDA the fused Triton
-               path (driftloss.adapters.torch_fused) takes it; on CPU the blocked fast drift.
-torch:k=v,...  the fused path with other settings: prec=D/L/F (tl.dot input precisions of the
-               distance, lambda and drift products), warps=, bc= (channels per step), work=
+               for the single-call scenarios) + backward: what a user runs, the blocked fast drift
+               (on accelerators the groups of one feature map share one evaluation, each with its
+               own S and lambda)
+torch-fused    the same with the fused Triton kernels switched on (driftloss.adapters.torch_fused,
+               opt-in; CUDA only: elsewhere they decline and the blocked path runs)
+torch-fused:k=v,...  the fused kernels with other settings: prec=D/L/F (tl.dot input precisions of
+               the distance, lambda and drift products), warps=, bc= (channels per step), work=
                (channels per work item), stages= (software pipelining depth, lowered
-               automatically where shared memory is short); e.g. torch:prec=tf32x3/tf32/tf32x3
-torch-blocked  the same with the fused hook switched off (the blocked fast drift on torch; on CUDA the
-               groups of one feature map share one evaluation, each with its own S and lambda)
-torch-pergroup torch-blocked with one evaluation per group (what torch-blocked ran before the groups
-               were shared, and what it runs on the CPU, where torch does not share them)
-torch-core     the same with both hooks switched off (the reference core on torch)
+               automatically where shared memory is short); e.g. torch-fused:prec=tf32x3/tf32/tf32x3
+torch-pergroup torch with one evaluation per group (what it runs on the CPU, where torch does not share
+               them)
+torch-core     torch with the fast-path hooks switched off (the reference core on torch)
 jax, jax-core  the sum of one driftloss.adapters.jax.drifting_loss per call (group) under
                jax.jit(jax.value_and_grad(...)), fast path on / off
 jax-groups     driftloss.drifting_loss_groups on JAX (all groups in one call, as the torch rows)
@@ -38,7 +39,7 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-blocked", "torch-pergroup", "torch-core",
+IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-fused", "torch-pergroup", "torch-core",
          "jax", "jax-groups", "jax-core")
 
 
@@ -73,11 +74,12 @@ def fast_path(adapter: str, enabled: bool, fused: bool | None = None, shared: bo
 
 @contextlib.contextmanager
 def fused_settings(spec: str):
-    """Fused-path settings from 'k=v,...' (prec=D/L/F, warps=, bc=, work=, stages=), restored afterwards."""
+    """The fused kernels switched on, with settings from 'k=v,...' (prec=D/L/F, warps=, bc=, work=,
+    stages=); all restored afterwards."""
     from driftloss.adapters import torch_fused
 
-    saved = torch_fused.PRECISION, torch_fused.TILING
-    prec, tiling = saved
+    saved = torch_fused.PRECISION, torch_fused.TILING, torch_fused.ENABLED
+    prec, tiling, _ = saved
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
         if key == "prec":
@@ -90,17 +92,18 @@ def fused_settings(spec: str):
         else:
             raise ValueError(f"unknown fused setting {key!r}")
     torch_fused.PRECISION, torch_fused.TILING = prec, tiling
+    torch_fused.use_fused_kernels(True)
     try:
         yield
     finally:
-        torch_fused.PRECISION, torch_fused.TILING = saved
+        torch_fused.PRECISION, torch_fused.TILING, torch_fused.ENABLED = saved
 
 
 def context(impl: str) -> contextlib.AbstractContextManager:
     """A fresh context in which ``impl``'s runner must run (hooks switched, settings applied)."""
-    if impl.startswith("torch:"):
+    if impl.startswith("torch-fused"):
         return fused_settings(impl.partition(":")[2])
-    if impl in ("torch-blocked", "reference-cuda-blocked"):
+    if impl == "reference-cuda-blocked":
         return fast_path("torch", True, fused=False)
     if impl == "torch-pergroup":
         return fast_path("torch", True, fused=False, shared=False)
@@ -130,7 +133,7 @@ def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.Abs
     """A runner and the context it must run in (``context(impl)`` gives another)."""
     if impl == "paper-literal":
         runner = _paper_literal(scen, device)
-    elif impl in ("torch", "torch-blocked", "torch-pergroup", "torch-core") or impl.startswith("torch:"):
+    elif impl in ("torch", "torch-pergroup", "torch-core") or impl.startswith("torch-fused"):
         runner = _torch(scen, device)
     elif impl in ("reference-cuda", "reference-cuda-blocked"):
         runner = _torch(scen, device, dtype="float64")

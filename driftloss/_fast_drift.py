@@ -8,16 +8,20 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   of each row / column is exactly 1),
       A_ij = h_ij g_ij / (||h_i.|| ||g_.j||) * w_j = exp(½ log_softmax_j + ½ log_softmax_i) * w_j,
   and h, g underflow only where A itself is below float range (DESIGN §7's concern);
-- the row and column normalizations and weights are folded into the drift product
-  (F = a s- A+y+ - r s+ A-y- - (a - r) s- s+ x, DESIGN §2 step 4), with the block sums s-, s+ read
-  off an extra column of ones;
+- the squared distances come from one product of augmented points, [-2x, |x|^2, 1] . [y, 1, |y|^2];
+  they stay in input units, with 1/S folded into the exponent rates;
+- the row and column normalizations, weights, a, r and 1/s are folded into row coefficients of the
+  drift product (F = a s- A+y+ - r s+ A-y- - (a - r) s- s+ x, DESIGN §2 step 4); where the points
+  are wider than the columns, the coefficients go on the kernel side and one signed product gives F;
 - work is cut into blocks of problems and rows, so memory is O(block) rather than O(problems*N*J).
-  When a block holds only part of the rows, the column statistics need every row: a first pass
-  gives S and each column's minimum distance, a second the column sums of g^2 per temperature, and
-  the third the drift (distances are recomputed in each pass instead of stored). Blocks have equal
-  sizes but for a remainder block, and each pass runs through a ``BlockLoop``: a Python loop of
-  slices by default, one ``lax.scan`` per block size under JAX (adapters/jax_fast.py), where an
-  unrolled loop lets XLA schedule all blocks' temporaries together.
+  With whole problems per block, a first pass gives S (and keeps the distances for the drift pass
+  when they fit ``keep_elements``), a second the drift. When a block holds only part of the rows,
+  the column statistics need every row: the first pass also gives each column's minimum distance,
+  a second the column sums of g^2 per temperature, and the third the drift (distances recomputed
+  in each pass). Blocks have equal sizes but for a remainder block, and each pass runs through a
+  ``BlockLoop``: a Python loop of slices by default, one ``lax.scan`` per block size under JAX
+  (adapters/jax_fast.py), where an unrolled loop lets XLA schedule all blocks' temporaries together;
+- lambda_tau's sums of squares are taken per block, and only V, not F, is joined across blocks.
 
 Only the leading ``...`` dims are flattened to one problem axis L; nothing loops per problem.
 The problems may come in segments, each with its own S, s and lambda as if it were a call of its
@@ -39,6 +43,9 @@ from driftloss._drift import RMS_FLOOR_SQ, SELF_PENALTY, DriftOptions, feature_s
 
 # Entries of the largest [L_block, T, rows, J] temporary; about 64 MiB per float32 array.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
+# Distances [L, N, J] of a whole call kept between passes up to this many entries (64 MiB in float32);
+# larger calls recompute them in the drift pass.
+DEFAULT_KEEP_ELEMENTS = 1 << 24
 # On a CPU, eager libraries make one pass over memory per elementwise op, so blocks are sized to stay
 # in cache: whole problems grouped up to CPU_CACHE_ELEMENTS entries (b2-class at width 0.025, one
 # thread: NumPy 1.1 s vs 3.4 s for the core, torch 1.6 s vs 3.7 s with 64 MiB blocks). A larger problem
@@ -107,7 +114,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                device: Callable[[Any], Any] = array_api_compat.device,
                block_elements: int = DEFAULT_BLOCK_ELEMENTS,
                loop: BlockLoop = PYTHON_LOOP,
-               segments: Sequence[int] | None = None) -> tuple[Any, Any, dict[str, Any]]:
+               segments: Sequence[int] | None = None,
+               keep_elements: int = DEFAULT_KEEP_ELEMENTS) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` (same arguments and results) by blocks of at most ``block_elements`` entries.
 
     x [..., N, D], pos [..., P, D], neg [..., M, D] or None; weights (x_w [..., N], neg_w [..., M]
@@ -116,6 +124,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     ``segments``: for each of the L = prod(...) problems (row-major), the index in 0..G-1 of its
     segment. Each segment has its own S, s and lambda, as if its problems were a call of their own
     (the feature groups of ``drifting_loss_groups``, evaluated in one pass); None: one segment.
+    ``keep_elements``: when whole problems fit a block and all L * N * J distances have at most this
+    many entries, the first pass keeps them for the drift pass instead of recomputing them there.
     Returns (V [..., N, D], s, stats) as ``compute_drift``; with segments, s and the stats carry a
     leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T]).
     """
@@ -139,12 +149,29 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     # Pass 1: S per segment (and, when rows are split, each column's smallest distance to a row
     # other than itself). Sums per problem [p] are added into per-segment sums [G].
     def weighted_sums(dist, b):
-        return ctx.run_sums(xp.sum(dist * xp.expand_dims(ctx.problems(w, b), axis=-2), axis=(-2, -1)), b)
+        """Sum of w_j d_ij over the block [G]; dist's self pairs are 0, or unset when rows are whole."""
+        wb = ctx.problems(w, b)
+        per_problem = xp.sum(xp.sum(dist, axis=-2) * wb, axis=-1)  # [p]
+        if ctx.self_mask(b) is not None and not plan.rows_split:
+            # The self pairs (i, i) sit every J + 1 entries of the flattened block: take them out here
+            # instead of a masked pass over the block.
+            diag = xp.reshape(dist, (dist.shape[0], -1))[:, ::j + 1][:, :n]  # [p, N]
+            per_problem = per_problem - xp.sum(diag * wb[:, :n], axis=-1)
+        return ctx.run_sums(per_problem, b)
 
-    col_min = None
+    # kept: pass 1's distances, for the drift pass to reuse: one array [L, N, J], or one per block.
+    col_min, kept = None, None
     if plan.single:
-        dist = ctx.distances(_Block(0, n_probs, 0, n))
-        wsum = weighted_sums(dist, _Block(0, n_probs, 0, n))
+        kept = ctx.distances(_Block(0, n_probs, 0, n), zero_self=False)
+        wsum = weighted_sums(kept, _Block(0, n_probs, 0, n))
+    elif not plan.rows_split and n_probs * n * j <= keep_elements:
+        def sums_kept(carry, b):
+            dist = ctx.distances(b, zero_self=False)
+            return carry + weighted_sums(dist, b), dist
+
+        wsum, kept = plan.sweep(loop, sums_kept, xp.zeros((n_segs,), dtype=dt, device=dev), xp, join=False)
+        if len(kept) != plan.blocks():  # pieces that stack several blocks (lax.scan): join them
+            kept = _joined(kept, 0, xp)
     else:
         wsum = xp.zeros((n_segs,), dtype=dt, device=dev)
         if plan.rows_split and opts.kernel == "both":
@@ -161,13 +188,17 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                 mins.append(m)
             col_min = xp.concat(mins, axis=0)  # [L, J]
         else:
-            wsum, _ = plan.sweep(loop, lambda c, b: (c + weighted_sums(ctx.distances(b), b), None), wsum, xp)
+            def sums(carry, b):
+                return carry + weighted_sums(ctx.distances(b, zero_self=plan.rows_split), b), None
+
+            wsum, _ = plan.sweep(loop, sums, wsum, xp)
     w_total = n * ctx.run_sums(xp.sum(w, axis=-1))
     scale, unit, s = feature_scale(wsum, w_total, d_feat, opts, xp)  # each [G] (s: 1.0 without normalize)
+    # Distances stay in input units: the self penalty (SELF_PENALTY in units of S) is converted to
+    # them, and 1/S goes into the exponent rates, saving a division pass over every block.
+    ctx.penalty = ctx.per_problem(SELF_PENALTY * unit, 3)  # [L or 1, 1, 1]
     if opts.normalize:
-        ctx.dist_unit, ctx.penalty = ctx.per_problem(unit, 3), SELF_PENALTY
-    else:
-        ctx.dist_unit, ctx.penalty = None, ctx.per_problem(SELF_PENALTY * unit, 3)
+        ctx.rate = ctx.rate / ctx.per_problem(unit, 4)  # [L or 1, T, 1, 1]
 
     # Pass 2 (rows split, "both" kernel only): column sums of g^2 per temperature, [L, T, 1, J].
     col_stats = None
@@ -175,7 +206,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         col_min = ctx.penalized_column_min(col_min)
 
         def sum_of_squares(col_sq, b):
-            g = ctx.column_factor_terms(ctx.scaled(ctx.distances(b), b), ctx.problems(col_min, b))
+            g = ctx.column_factor_terms(ctx.penalized(ctx.distances(b, zero_self=False), b),
+                                        ctx.problems(col_min, b), b)
             return col_sq + xp.sum(g * g, axis=-2, keepdims=True), None
 
         zeros = xp.zeros((1, n_taus, 1, j), dtype=dt, device=dev)
@@ -183,17 +215,26 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                            axis=0)
         col_stats = (col_min, col_sq)
 
-    # Pass 3: the drift of each block, per temperature; the neighbour sums [G, T] ride in the carry.
-    def drift(neighbours, b):
-        f, nb = ctx.block_drift(ctx.scaled(dist if plan.single else ctx.distances(b), b), b, col_stats)
-        return (neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours), f
+    # Pass 3: the drift of each block, per temperature. The carry holds the sums of F_tau^2 per
+    # segment [G, T] (taken while the block is in cache) and the neighbour sums [G, T].
+    def drift(carry, b):
+        sq, neighbours = carry
+        if kept is None:
+            dist = ctx.distances(b, zero_self=False)
+        else:  # a Python loop's blocks have concrete starts: piece p0 // problems is block b's
+            dist = kept[b.p0 // plan.problems] if isinstance(kept, list) else ctx.problems(kept, b)
+        f, nb = ctx.block_drift(ctx.penalized(dist, b), b, col_stats)
+        # not vector_norm: torch's loses ~1e-5 relative on a large block in float32 (CPU, 2.13)
+        sq = sq + ctx.run_sums(xp.sum(f * f, axis=(2, 3)), b)  # [G, T]
+        return (sq, neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours), f
 
-    neighbours = xp.zeros((n_segs, n_taus), dtype=dt, device=dev)
-    neighbours, f = plan.sweep(loop, drift, neighbours, xp)  # [L, T, N, D]
-    f = f / ctx.per_problem(s, 4)
+    zeros = xp.zeros((n_segs, n_taus), dtype=dt, device=dev)
+    ctx.inv_feature_scale = ctx.per_problem(1.0 / s, 4)
+    # F / s as pieces [p, T, N, D] along the problems: combined over tau piece by piece below, so
+    # only V (a third of F's size for three temperatures) is joined.
+    (sq, neighbours), pieces = plan.sweep(loop, drift, (zeros, zeros), xp, join=False)
 
     # lambda_tau of each segment from its mean of F_tau^2, then V = sum_tau F_tau / lambda_tau.
-    sq = ctx.run_sums(xp.sum(f * f, axis=(2, 3)))  # [G, T]
     counts_nd = xp.asarray([[float(c * n * d_feat)] for c in counts], dtype=dt, device=dev)  # [G, 1]
     if opts.cross_replica_sum is None:
         ms = sq / counts_nd
@@ -202,8 +243,15 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         ms = total[:, :n_taus] / total[:, n_taus:]
     if opts.normalize:
         rms = xp.sqrt(xp.clip(ms, min=RMS_FLOOR_SQ))  # [G, T]
-        f = f / ctx.per_problem(rms, 4)
-    v = xp.reshape(xp.sum(f, axis=1), (*lead, n, d_feat))
+        inv_rms = ctx.per_problem(1.0 / rms, 4)  # [L or 1, T, 1, 1]
+    v_pieces, p0 = [], 0
+    for f in pieces:
+        if opts.normalize:
+            inv = inv_rms if inv_rms.shape[0] == 1 else inv_rms[p0:p0 + f.shape[0], ...]
+            f = f * inv
+        v_pieces.append(xp.sum(f, axis=1))
+        p0 += f.shape[0]
+    v = xp.reshape(_joined(v_pieces, 0, xp), (*lead, n, d_feat))
 
     stats: dict[str, Any] = {}
     if opts.with_stats:
@@ -264,11 +312,12 @@ class _Plan:
         self.single = self.problems == n_probs and not self.rows_split
 
     def sweep(self, loop: BlockLoop, body: Callable[[Any, _Block], tuple[Any, Any]], carry: Any, xp: Any,
-              problems: list[int] | None = None) -> tuple[Any, Any]:
-        """body(carry, block) -> (carry, piece [p, T, rows, D] or None) over the blocks, in order.
+              problems: list[int] | None = None, join: bool = True) -> tuple[Any, Any]:
+        """body(carry, block) -> (carry, piece [p, ...rows...] or None) over the blocks, in order.
 
         ``problems``: sweep only these (rows split). Returns the last carry and the pieces joined
-        into [L, T, N, D] (None if there were none).
+        along problems and rows, e.g. into [L, T, N, D] (None if there were none); join=False: the
+        list of pieces, in order, that would be joined along the problems axis (no copy).
         """
         if not self.rows_split:
             pieces = []
@@ -276,7 +325,7 @@ class _Plan:
                 carry, got = loop.run(lambda c, s, size=size: body(c, _Block(s, size, 0, self.n)),
                                       carry, starts, 0)
                 pieces += got
-            return carry, (xp.concat(pieces, axis=0) if pieces else None)
+            return carry, (_joined(pieces, 0, xp) if join else pieces)
         per_problem = []
         for p in range(self.n_probs) if problems is None else problems:
             pieces = []
@@ -285,8 +334,20 @@ class _Plan:
                                       carry, starts, 2)
                 pieces += got
             if pieces:
-                per_problem.append(xp.concat(pieces, axis=-2))
-        return carry, (xp.concat(per_problem, axis=0) if per_problem else None)
+                per_problem.append(_joined(pieces, -2, xp))
+        return carry, (_joined(per_problem, 0, xp) if join else per_problem)
+
+    def blocks(self) -> int:
+        """The number of blocks of a sweep over all problems."""
+        per_problem = 1 if not self.rows_split else -(-self.n // self.rows)
+        return -(-self.n_probs // self.problems) * per_problem
+
+
+def _joined(pieces: list[Any], axis: int, xp: Any) -> Any:
+    """The pieces concatenated along ``axis`` (one piece as it is, no pieces None)."""
+    if len(pieces) <= 1:
+        return pieces[0] if pieces else None
+    return xp.concat(pieces, axis=axis)
 
 
 def _runs(total: int, size: int) -> list[tuple[list[int], int]]:
@@ -302,9 +363,16 @@ class _Context:
     def __init__(self, *, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs):
         self.xc, self.yc, self.w, self.device, self.take = xc, yc, w, device, take
         self.n_neg, self.opts, self.xp, self.matmul = n_neg, opts, xp, matmul
-        self.y2 = xp.sum(yc * yc, axis=-1)  # [L, J]
-        self.dist_unit = None  # S floored per problem [L or 1, 1, 1], when distances are normalized
-        self.penalty = None  # added to a sample's own (scaled) distance: a number or [L or 1, 1, 1]
+        if xc.shape[-1] > DIRECT_MAX_FEATURES:
+            # Squared distances as one product: [-2x, |x|^2, 1] . [y, 1, |y|^2] = |x|^2 + |y|^2 - 2 x.y
+            # (scaling by -2 is exact), instead of three elementwise passes over each [rows, J] block.
+            x2, y2 = xp.sum(xc * xc, axis=-1, keepdims=True), xp.sum(yc * yc, axis=-1, keepdims=True)
+            self.x_gram = xp.concat([-2 * xc, x2, xp.ones_like(x2)], axis=-1)  # [L, N, D + 2]
+            self.y_gram = xp.concat([yc, xp.ones_like(y2), y2], axis=-1)  # [L, J, D + 2]
+        # The self-pair mask of blocks of whole problems, made once here (not inside a traced loop body).
+        self.whole_rows_mask = self._mask(xc.shape[-2], 0) if opts.x_as_negatives else None
+        self.penalty = None  # a sample's distance to itself [L or 1, 1, 1], set once S is known
+        self.inv_feature_scale = 1.0  # 1/s: a number or [L or 1, 1, 1, 1], set once S is known
         dt, dev = xc.dtype, device
         # Segments of problems with their own statistics: index [L] and membership [L, G] (0/1).
         self.segmented = runs is not None
@@ -318,6 +386,7 @@ class _Context:
         rates = xp.asarray([half / t for t in taus], dtype=dt, device=dev)
         self.rate = xp.reshape(rates, (1, len(taus), 1, 1))
         self.y4 = xp.expand_dims(yc, axis=1)  # [L, 1, J, D]
+        self.is_pos = xp.arange(yc.shape[-2], device=dev) >= n_neg  # [J]: the positive columns
 
     def problems(self, a: Any, b: _Block) -> Any:
         """a[block's problems] for a [L, ...]."""
@@ -346,7 +415,7 @@ class _Context:
 
     def of_block(self, a: Any, b: _Block) -> Any:
         """``per_problem`` values for block b's problems (numbers and [1, ...] as they are)."""
-        return a if isinstance(a, (int, float)) or not self.segmented else self.problems(a, b)
+        return a if isinstance(a, (int, float)) or a.shape[0] == 1 else self.problems(a, b)
 
     def rows(self, a: Any, b: _Block) -> Any:
         """a[block's problems, block's rows] for a [L, N, ...]."""
@@ -357,110 +426,131 @@ class _Context:
         """[rows, J] True where row i meets its own column (x counts as negatives), else None."""
         if not self.opts.x_as_negatives:
             return None
-        xp, dev = self.xp, self.device
-        rows = xp.expand_dims(xp.arange(b.rows, device=dev) + b.r0, axis=-1)
-        return rows == xp.expand_dims(xp.arange(self.yc.shape[-2], device=dev), axis=-2)
+        if b.rows == self.xc.shape[-2]:
+            return self.whole_rows_mask
+        return self._mask(b.rows, b.r0)
 
-    def distances(self, b: _Block) -> Any:
-        """d [p, rows, J] in the input units; exactly 0 on the self pairs."""
+    def _mask(self, rows: int, r0: Any) -> Any:
+        xp, dev = self.xp, self.device
+        row = xp.expand_dims(xp.arange(rows, device=dev) + r0, axis=-1)
+        return row == xp.expand_dims(xp.arange(self.yc.shape[-2], device=dev), axis=-2)
+
+    def distances(self, b: _Block, zero_self: bool = True) -> Any:
+        """d [p, rows, J] in the input units; exactly 0 on the self pairs (unset with zero_self=False,
+        for ``penalized``, which overwrites them)."""
         xp = self.xp
-        xb, yb = self.rows(self.xc, b), self.problems(self.yc, b)
-        if xb.shape[-1] <= DIRECT_MAX_FEATURES:  # as the reference: exact differences for few features
+        if self.xc.shape[-1] <= DIRECT_MAX_FEATURES:  # as the reference: exact differences for few features
+            xb, yb = self.rows(self.xc, b), self.problems(self.yc, b)
             diff = xp.expand_dims(xb, axis=-2) - xp.expand_dims(yb, axis=-3)
             d = xp.sqrt(xp.sum(diff * diff, axis=-1))
         else:
-            x2 = xp.expand_dims(xp.sum(xb * xb, axis=-1), axis=-1)
-            prod = self.matmul(xb, xp.matrix_transpose(yb))
-            d = xp.sqrt(xp.clip(x2 + xp.expand_dims(self.problems(self.y2, b), axis=-2) - 2 * prod, min=0))
-        mask = self.self_mask(b)
+            xb, yb = self.rows(self.x_gram, b), self.problems(self.y_gram, b)
+            d = xp.sqrt(xp.clip(self.matmul(xb, xp.matrix_transpose(yb)), min=0))
+        mask = self.self_mask(b) if zero_self else None
         return d if mask is None else xp.where(mask, 0.0, d)
 
-    def scaled(self, dist: Any, b: _Block) -> Any:
-        """d-hat [p, rows, J]: d / S (normalize) plus the self penalty."""
-        xp = self.xp
-        d_hat = dist if self.dist_unit is None else dist / self.of_block(self.dist_unit, b)
+    def penalized(self, dist: Any, b: _Block) -> Any:
+        """d [p, rows, J] with the self penalty: a self distance is 0 (or unset), so it becomes the
+        penalty itself."""
         mask = self.self_mask(b)
-        return d_hat if mask is None else xp.where(mask, d_hat + self.of_block(self.penalty, b), d_hat)
+        return dist if mask is None else self.xp.where(mask, self.of_block(self.penalty, b), dist)
 
     def penalized_column_min(self, col_min: Any) -> Any:
-        """Column minima of d-hat [L, J] from minima of d excluding self pairs [L, J]."""
+        """Column minima of the penalized d [L, J] from minima of d excluding self pairs [L, J]."""
         xp = self.xp
-        m = col_min if self.dist_unit is None else col_min / self.dist_unit[..., 0]
+        m = col_min
         if self.opts.x_as_negatives:
             n, j = self.xc.shape[-2], self.yc.shape[-2]
             is_x = xp.arange(j, device=self.device) < n
-            penalty = self.penalty if isinstance(self.penalty, (int, float)) else self.penalty[..., 0]
-            m = xp.where(is_x, xp.minimum(m, penalty + 0.0 * m), m)
+            m = xp.where(is_x, xp.minimum(m, self.penalty[..., 0] + 0.0 * m), m)
         return m
 
-    def column_factor_terms(self, d_hat: Any, col_min: Any) -> Any:
-        """g = exp((min_i d - d) / 2tau) [p, T, rows, J], given the column minima [p, J]."""
+    def column_factor_terms(self, dist: Any, col_min: Any, b: _Block) -> Any:
+        """g = exp((min_i d - d) / 2tau S) [p, T, rows, J], given the column minima [p, J]."""
         xp = self.xp
-        return xp.exp(xp.expand_dims(xp.expand_dims(col_min, axis=-2) - d_hat, axis=1) * self.rate)
+        terms = xp.expand_dims(xp.expand_dims(col_min, axis=-2) - dist, axis=1)  # [p, 1, rows, J]
+        return xp.exp(terms * self.of_block(self.rate, b))
 
-    def block_drift(self, d_hat: Any, b: _Block, col_stats: Any) -> tuple[Any, Any]:
-        """F [p, T, rows, D] (centred coordinates, input units) and the neighbour sums [p, T]."""
+    def block_drift(self, dist: Any, b: _Block, col_stats: Any) -> tuple[Any, Any]:
+        """F / s [p, T, rows, D] (centred coordinates, feature units) and the neighbour sums [p, T],
+        from the penalized distances [p, rows, J]."""
         xp, opts = self.xp, self.opts
-        e = xp.expand_dims(d_hat, axis=1)  # [p, 1, rows, J]
-        row_f = col_f = None
+        e = xp.expand_dims(dist, axis=1)  # [p, 1, rows, J]
+        rate = self.of_block(self.rate, b)  # [p or 1, T, 1, 1]
+        row_norm = col_f = None  # the row factor is 1 / row_norm
         if opts.kernel == "both":
-            h = xp.exp((xp.min(e, axis=-1, keepdims=True) - e) * self.rate)
-            row_f = 1.0 / xp.linalg.vector_norm(h, axis=-1, keepdims=True)
+            h = xp.exp((xp.min(e, axis=-1, keepdims=True) - e) * rate)
+            row_norm = xp.linalg.vector_norm(h, axis=-1, keepdims=True)
             if col_stats is None:
-                g = xp.exp((xp.min(e, axis=-2, keepdims=True) - e) * self.rate)
+                g = xp.exp((xp.min(e, axis=-2, keepdims=True) - e) * rate)
                 # not vector_norm: torch's reduces across rows 13x slower than sum(g * g) on the CPU
                 col_f = 1.0 / xp.sqrt(xp.sum(g * g, axis=-2, keepdims=True))
             else:
                 col_min, col_sq = col_stats
-                g = self.column_factor_terms(d_hat, self.problems(col_min, b))
+                g = self.column_factor_terms(dist, self.problems(col_min, b), b)
                 col_f = 1.0 / xp.sqrt(self.problems(col_sq, b))
             k = h * g
         elif opts.kernel == "y":
-            k = xp.exp((xp.min(e, axis=-1, keepdims=True) - e) * self.rate)
-            row_f = 1.0 / xp.sum(k, axis=-1, keepdims=True)
+            k = xp.exp((xp.min(e, axis=-1, keepdims=True) - e) * rate)
+            row_norm = xp.sum(k, axis=-1, keepdims=True)
         else:
-            k = xp.exp(-e * self.rate)
+            k = xp.exp(-e * rate)
         w = xp.reshape(self.problems(self.w, b), (b.problems, 1, 1, -1))  # [p, 1, 1, J]
         if opts.affinity_floor > 0 or opts.with_stats:
-            a = _scale(_scale(k, row_f), col_f)
+            a = _scale(k if row_norm is None else k / row_norm, col_f)
             if opts.affinity_floor > 0:
                 a = xp.clip(a, min=math.sqrt(opts.affinity_floor))
             neighbours = _neighbour_sums(a * w, xp) if opts.with_stats else None
             if opts.affinity_floor > 0:
-                k, row_f, col_f = a, None, None
+                k, row_norm, col_f = a, None, None
         else:
             neighbours = None
         col_w = w if col_f is None else col_f * w  # [p, T or 1, 1, J]
-        y = self.problems(self.y4, b)  # [p, 1, J, D]
-        nn = self.n_neg
+        nn, (pb, t, rows, j), d_feat = self.n_neg, k.shape, self.yc.shape[-1]
+        # Row coefficients [p, T, rows, 1]: F = c+ (K+ y+) - c- (K- y-), with c+ = a s- / (s r^2),
+        # c- = r s+ / (s r^2) for the row normalization r^2 (it scales both K and the other side's sum).
+        common = self.of_block(self.inv_feature_scale, b)
+        if row_norm is not None:
+            common = common / (row_norm * row_norm)
+        a_, r_ = opts.attraction, opts.repulsion
+
+        def coefficients(s_neg, s_pos):
+            return _times(common * s_neg, a_), _times(common * s_pos, r_)
+
         # Fold the column factors into whichever operand is smaller: the kernel block or the points.
-        if k.shape[-2] <= y.shape[-1]:
+        if rows <= d_feat:
             kw = k * col_w  # [p, T, rows, J]
-            pb, t, rows, j = kw.shape
-            # Temperatures stacked into the rows of one product (no broadcast copy of the points).
-            kw3 = xp.reshape(kw, (pb, t * rows, j))
-            y3 = self.problems(self.yc, b)  # [p, J, D]
-            z_neg = xp.reshape(self.matmul(kw3[..., :nn], y3[..., :nn, :]), (pb, t, rows, -1))
-            z_pos = xp.reshape(self.matmul(kw3[..., nn:], y3[..., nn:, :]), (pb, t, rows, -1))
             s_neg = xp.sum(kw[..., :nn], axis=-1, keepdims=True)  # [p, T, rows, 1]
             s_pos = xp.sum(kw[..., nn:], axis=-1, keepdims=True)
+            c_pos, c_neg = coefficients(s_neg, s_pos)
+            y3 = self.problems(self.yc, b)  # [p, J, D]
+            if j <= d_feat:  # the coefficients on the kernel side: one product gives F itself
+                signed = kw * xp.where(self.is_pos, c_pos, -c_neg)
+                f = xp.reshape(self.matmul(xp.reshape(signed, (pb, t * rows, j)), y3), (pb, t, rows, d_feat))
+            else:  # temperatures stacked into the rows of each product (no broadcast copy of the points)
+                kw3 = xp.reshape(kw, (pb, t * rows, j))
+                z_neg = xp.reshape(self.matmul(kw3[..., :nn], y3[..., :nn, :]), (pb, t, rows, d_feat))
+                z_pos = xp.reshape(self.matmul(kw3[..., nn:], y3[..., nn:, :]), (pb, t, rows, d_feat))
+                f = c_pos * z_pos - c_neg * z_neg
         else:
             cw = xp.matrix_transpose(col_w)  # [p, T or 1, J, 1]
-            yw = y * cw  # [p, T or 1, J, D]
+            yw = self.problems(self.y4, b) * cw  # [p, T or 1, J, D]
             k_neg, k_pos = k[..., :nn], k[..., nn:]
             z_neg, z_pos = self.matmul(k_neg, yw[..., :nn, :]), self.matmul(k_pos, yw[..., nn:, :])
             s_neg, s_pos = self.matmul(k_neg, cw[..., :nn, :]), self.matmul(k_pos, cw[..., nn:, :])
-        z_neg, z_pos = _scale(z_neg, row_f), _scale(z_pos, row_f)
-        s_neg, s_pos = _scale(s_neg, row_f), _scale(s_pos, row_f)
-        a_, r_ = opts.attraction, opts.repulsion
-        f = a_ * (s_neg * z_pos) - r_ * (s_pos * z_neg)
+            c_pos, c_neg = coefficients(s_neg, s_pos)
+            f = c_pos * z_pos - c_neg * z_neg
         if a_ != r_:
-            f = f - (a_ - r_) * (s_neg * s_pos) * xp.expand_dims(self.rows(self.xc, b), axis=1)
+            f = f - ((a_ - r_) * common * s_neg * s_pos) * xp.expand_dims(self.rows(self.xc, b), axis=1)
         return f, neighbours
 
 
 def _scale(a: Any, factor: Any) -> Any:
     return a if factor is None else a * factor
+
+
+def _times(a: Any, number: float) -> Any:
+    return a if number == 1 else number * a
 
 
 def _neighbour_sums(a: Any, xp: Any) -> Any:

@@ -75,7 +75,8 @@ def drifting_loss_groups(
     together on JAX and on torch accelerators: their locations are stacked into one blocked
     evaluation in which each group keeps its own S and lambda, with the same result as separate
     calls and a fraction of the array operations (on a GPU, kernel launches).
-    On CUDA, shapes the fused kernels take go to them first (``driftloss.adapters.torch_fused``).
+    On CUDA with the opt-in fused kernels switched on, shapes they take go to them first
+    (``driftloss.adapters.torch_fused.use_fused_kernels``).
 
     Returns the total loss (0-d, or [...] with reduction="none"), and the stats if asked.
     """
@@ -91,7 +92,7 @@ def drifting_loss_groups(
     calls, be, opts = _validated_calls(fn, names, gen, pos, neg, weights, opts, xp)
 
     if be.fused_loss is not None and not return_stats and reduction != "none":
-        total = be.fused_loss(calls, opts, reduction)  # every group in one fused evaluation (torch on CUDA)
+        total = be.fused_loss(calls, opts, reduction)  # all groups in one fused evaluation (opt-in, CUDA)
         if total is not None:
             return total
     per_group = _shared_losses(calls, opts, reduction, xp, be)

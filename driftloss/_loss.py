@@ -83,7 +83,7 @@ def drifting_loss(
                         kernel=kernel, affinity_floor=affinity_floor, attraction=attraction,
                         repulsion=repulsion, with_stats=return_stats, cross_replica_sum=cross_replica_sum)
     xp, be, opts = _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
-    if be.fused_loss is not None:  # one fused evaluation of loss and gradient (torch on CUDA)
+    if be.fused_loss is not None:  # one fused evaluation of loss and gradient (opt-in, torch CUDA)
         loss = be.fused_loss([(x, pos, neg, (x_weight, neg_weight, pos_weight))], opts, reduction)
         if loss is not None:
             return loss

@@ -96,6 +96,29 @@ def test_fast_drift_equals_reference_float64(case):
             assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, (key, block)
 
 
+# Feature widths of the drift product's three layouts for N = 7 rows, J = 16 columns: the column
+# factors on the points (N > D), on the kernel (N <= D < J), and F as one signed product (J <= D).
+LAYOUT_WIDTHS = (5, 10, 32)
+
+
+@pytest.mark.parametrize("d", LAYOUT_WIDTHS)
+@pytest.mark.parametrize("case", [c for c in OPTION_GRID if c["with_neg"]],
+                         ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_product_layouts_equal_reference_float64(case, d):
+    """Each layout of the drift product, for every block plan, with the first pass's distances kept
+    for the drift pass or recomputed there (keep_elements=0)."""
+    x, pos, neg, w = _problem(10, n=7, p=5, m=4, d=d)
+    opts = _options(case, stats=True)
+    v_ref, s_ref, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    for block, keep in itertools.product(BLOCKS, (1 << 24, 0)):
+        v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
+                              keep_elements=keep)
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, (block, keep)
+        assert float(s) == pytest.approx(float(s_ref), rel=1e-12)
+        for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
+            assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, (key, block, keep)
+
+
 @pytest.mark.parametrize("kernel", ["both", "y", "none"])
 @pytest.mark.parametrize("floor", [0.0, 1e-6])
 def test_fast_drift_equals_reference_float32(kernel, floor):

@@ -93,6 +93,35 @@ def test_torch_autocast_and_half_inputs_stay_float32():
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
 
 
+def test_torch_drift_products_run_in_full_float32_under_a_tf32_setting(monkeypatch):
+    """A training script's set_float32_matmul_precision("high") (TF32 on GPUs) does not reach the
+    drift's products, and is restored afterwards, also when the drift raises."""
+    torch = _torch()
+    from backends import driftloss_hooks, swap_hooks
+
+    hook, seen = driftloss_hooks().compute_drift, []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return hook(*args, **kwargs)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("drift failed")
+
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        swap_hooks(monkeypatch, compute_drift=spy, fused_loss=None)
+        driftloss.drifting_loss(torch.tensor(X), torch.tensor(P))
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+        swap_hooks(monkeypatch, compute_drift=failing, fused_loss=None)
+        with pytest.raises(RuntimeError, match="drift failed"):
+            driftloss.drifting_loss(torch.tensor(X), torch.tensor(P))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def test_torch_compile_module_in_a_training_step():
     torch = _torch()
     from driftloss.adapters.torch import DriftingLoss

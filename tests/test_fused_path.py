@@ -171,6 +171,7 @@ def test_groups_api_with_strided_views(monkeypatch):
         return float(loss), [g[k].grad.double() for k in gen]
 
     calls = count_fused_calls(monkeypatch)
+    monkeypatch.setattr(torch_fused, "ENABLED", True)
     got = run(fused_everywhere() if not CUDA else contextlib.nullcontext())
     assert calls == [2]
     assert_close(got, run(core_only()))
@@ -223,10 +224,28 @@ def test_second_backward_is_refused_not_wrong():
         loss.backward()
 
 
+def test_fused_kernels_are_opt_in(monkeypatch):
+    """The public API offers calls to the fused kernels only after use_fused_kernels()."""
+    rng = np.random.default_rng(4)
+    x, pos, neg = make_group(rng, (4,), 16, 32, 8, 64)
+    monkeypatch.setattr(torch_fused, "ENABLED", torch_fused.ENABLED)  # restored afterwards
+    calls = count_fused_calls(monkeypatch)
+    assert torch_fused.ENABLED is False
+    driftloss.drifting_loss(x, pos, neg, TAUS)
+    assert calls == []
+    torch_fused.use_fused_kernels()
+    driftloss.drifting_loss(x, pos, neg, TAUS)
+    assert calls == [1]  # offered; off CUDA it declines and the blocked path runs
+    torch_fused.use_fused_kernels(False)
+    driftloss.drifting_loss(x, pos, neg, TAUS)
+    assert calls == [1]
+
+
 @pytest.mark.skipif(not CUDA, reason="the public API takes the fused path on CUDA only")
 def test_public_api_uses_fused_path_on_cuda(monkeypatch):
     rng = np.random.default_rng(4)
     x, pos, neg = make_group(rng, (4,), 16, 32, 8, 64)
+    monkeypatch.setattr(torch_fused, "ENABLED", True)
     calls = count_fused_calls(monkeypatch)
     xg = x.clone().requires_grad_(True)
     loss = driftloss.drifting_loss(xg, pos, neg, TAUS)
