@@ -243,13 +243,15 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         ms = total[:, :n_taus] / total[:, n_taus:]
     if opts.normalize:
         rms = xp.sqrt(xp.clip(ms, min=RMS_FLOOR_SQ))  # [G, T]
-        inv_rms = ctx.per_problem(1.0 / rms, 4)  # [L or 1, T, 1, 1]
+        inv_rms = xp.reshape(ctx.per_problem(1.0 / rms, 2), (-1, 1, n_taus))  # [L or 1, 1, T]
     v_pieces, p0 = [], 0
     for f in pieces:
-        if opts.normalize:
+        if opts.normalize:  # the sum over tau as one product [p, 1, T] @ [p, T, N * D]: one pass over F
             inv = inv_rms if inv_rms.shape[0] == 1 else inv_rms[p0:p0 + f.shape[0], ...]
-            f = f * inv
-        v_pieces.append(xp.sum(f, axis=1))
+            v_flat = ctx.matmul(inv, xp.reshape(f, (f.shape[0], n_taus, n * d_feat)))[:, 0, :]  # [p, N * D]
+            v_pieces.append(xp.reshape(v_flat, (f.shape[0], n, d_feat)))
+        else:
+            v_pieces.append(xp.sum(f, axis=1))
         p0 += f.shape[0]
     v = xp.reshape(_joined(v_pieces, 0, xp), (*lead, n, d_feat))
 
