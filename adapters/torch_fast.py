@@ -16,7 +16,8 @@ from driftloss._fast_drift import cpu_block_elements, fast_drift
 
 # Entries of the largest [problems, taus, rows, columns] temporary per block (float32: 4 bytes each).
 CPU_CACHE_ELEMENTS = 1 << 18  # 1 MiB: whole problems grouped up to this, passes run in cache
-CPU_BLOCK_ELEMENTS = 1 << 24  # 64 MiB: above this a problem's rows are split
+CPU_BLOCK_ELEMENTS = 1 << 24  # 64 MiB: above this a problem's rows are split ...
+CPU_SPLIT_ELEMENTS = 1 << 20  # ... into blocks of 4 MiB (driftloss._fast_drift.CPU_SPLIT_ELEMENTS)
 CUDA_BLOCK_ELEMENTS = 1 << 26  # 256 MiB: few, large kernels
 
 
@@ -26,7 +27,8 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
     """``driftloss._drift.compute_drift`` for torch tensors (same arguments and results); ``segments``
     as ``fast_drift``'s."""
     if x.device.type == "cpu":
-        budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS)
+        budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS,
+                                    CPU_SPLIT_ELEMENTS)
     else:
         budget = CUDA_BLOCK_ELEMENTS
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,

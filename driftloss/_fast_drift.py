@@ -50,25 +50,30 @@ DEFAULT_KEEP_ELEMENTS = 1 << 24
 # in cache: whole problems grouped up to CPU_CACHE_ELEMENTS entries (b2-class at width 0.025, one
 # thread: NumPy 1.1 s vs 3.4 s for the core, torch 1.6 s vs 3.7 s with 64 MiB blocks). A larger problem
 # stays whole up to CPU_BLOCK_ELEMENTS (splitting its rows recomputes its distances in three passes);
-# beyond that its rows are split, which bounds memory.
+# beyond that its rows are split into blocks of CPU_SPLIT_ELEMENTS, which bounds memory. Those are
+# small: a 64 MiB temporary is a fresh mmap, page-faulted on every op (torch, N = P = 8192, 64-D:
+# 2.1 s per step with 4 MiB blocks vs 5.4 s with 64 MiB ones, most of it system time).
 CPU_CACHE_ELEMENTS = 1 << 18
 CPU_BLOCK_ELEMENTS = DEFAULT_BLOCK_ELEMENTS
+CPU_SPLIT_ELEMENTS = 1 << 20
 
 
 def cpu_block_elements(x: Any, pos: Any, neg: Any, opts: DriftOptions, cache: int = CPU_CACHE_ELEMENTS,
-                       block: int = CPU_BLOCK_ELEMENTS) -> int:
+                       block: int = CPU_BLOCK_ELEMENTS, split: int = CPU_SPLIT_ELEMENTS) -> int:
     """The block budget of ``fast_drift`` for eager CPU libraries (see CPU_CACHE_ELEMENTS)."""
     n_cols = pos.shape[-2] + (0 if neg is None else neg.shape[-2])
     n_cols += x.shape[-2] if opts.x_as_negatives else 0
     per_problem = x.shape[-2] * n_cols * len(opts.taus)
-    return cache if per_problem <= cache else min(per_problem, block)
+    if per_problem <= cache:
+        return cache
+    return per_problem if per_problem <= block else split
 
 
 def cpu_compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
                       *, xp: Any, matmul: Callable[[Any, Any], Any], device: Callable[[Any], Any],
                       segments: Sequence[int] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` on the CPU (NumPy's hook): ``fast_drift`` with ``cpu_block_elements``."""
-    budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS)
+    budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS, CPU_SPLIT_ELEMENTS)
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
                       segments=segments)
 
@@ -144,6 +149,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                    take=loop.take, runs=runs)
     n_taus, n_segs = len(opts.taus), len(counts)
     plan = _Plan(n_probs, n, j * n_taus, block_elements)
+    if opts.x_as_negatives and not plan.rows_split:  # made once here, not inside a traced loop body
+        ctx.whole_rows_mask = ctx.self_pairs(n, 0)
     dt, dev = x.dtype, device(x)
 
     # Pass 1: S per segment (and, when rows are split, each column's smallest distance to a row
@@ -371,8 +378,7 @@ class _Context:
             x2, y2 = xp.sum(xc * xc, axis=-1, keepdims=True), xp.sum(yc * yc, axis=-1, keepdims=True)
             self.x_gram = xp.concat([-2 * xc, x2, xp.ones_like(x2)], axis=-1)  # [L, N, D + 2]
             self.y_gram = xp.concat([yc, xp.ones_like(y2), y2], axis=-1)  # [L, J, D + 2]
-        # The self-pair mask of blocks of whole problems, made once here (not inside a traced loop body).
-        self.whole_rows_mask = self._mask(xc.shape[-2], 0) if opts.x_as_negatives else None
+        self.whole_rows_mask = None  # the self-pair mask [N, J] of blocks of whole problems
         self.penalty = None  # a sample's distance to itself [L or 1, 1, 1], set once S is known
         self.inv_feature_scale = 1.0  # 1/s: a number or [L or 1, 1, 1, 1], set once S is known
         dt, dev = xc.dtype, device
@@ -428,11 +434,12 @@ class _Context:
         """[rows, J] True where row i meets its own column (x counts as negatives), else None."""
         if not self.opts.x_as_negatives:
             return None
-        if b.rows == self.xc.shape[-2]:
+        if self.whole_rows_mask is not None and b.rows == self.whole_rows_mask.shape[0]:
             return self.whole_rows_mask
-        return self._mask(b.rows, b.r0)
+        return self.self_pairs(b.rows, b.r0)
 
-    def _mask(self, rows: int, r0: Any) -> Any:
+    def self_pairs(self, rows: int, r0: Any) -> Any:
+        """[rows, J] True where row r0 + i meets its own column."""
         xp, dev = self.xp, self.device
         row = xp.expand_dims(xp.arange(rows, device=dev) + r0, axis=-1)
         return row == xp.expand_dims(xp.arange(self.yc.shape[-2], device=dev), axis=-2)

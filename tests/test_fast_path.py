@@ -158,6 +158,28 @@ def test_blocked_equals_unblocked_with_coincident_points_and_one_sample():
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
 
 
+@pytest.mark.parametrize("d", [2, 8])  # exact differences, and the product of augmented points
+def test_memory_is_bounded_by_the_block_when_rows_are_split(d):
+    """N = 2048, J = 4096: one [N, J] float64 array is 64 MiB (a bool mask 8 MiB); with 8-row blocks
+    every temporary is [8, J], and the traced peak stays under 4 MiB (NumPy reports to tracemalloc)."""
+    if B.name != "numpy":
+        pytest.skip("allocations are traced on NumPy; the blocked code is the same on every backend")
+    import tracemalloc
+
+    rng = np.random.default_rng(11)
+    x, pos = rng.normal(size=(2048, d)), rng.normal(size=(2048, d)) + 0.5
+    ones = (np.ones(2048), None, np.ones(2048))
+    opts = DriftOptions(taus=(0.05,))
+    tracemalloc.start()
+    try:
+        v, _, _ = fast_drift(x, pos, None, ones, opts, xp=B.xp, matmul=_matmul(), block_elements=8 * 4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert v.shape == (2048, d) and np.all(np.isfinite(v))
+    assert peak < 4 * 2**20, peak
+
+
 def test_cross_replica_sum_matches_reference():
     """Two identical replicas (sum = 2x) give the single-device drift on both paths."""
     x, pos, neg, w = _problem(3)
@@ -252,7 +274,7 @@ def test_public_loss_dispatches_to_fast_path():
 
 def test_cpu_block_budget(monkeypatch):
     """Small problems are grouped up to the cache budget; a larger one stays whole up to the block
-    budget (no recomputed distances); beyond that its rows are split."""
+    budget (no recomputed distances); beyond that its rows are split into blocks of the split budget."""
     if B.name not in ("torch", "numpy"):
         pytest.skip("the CPU block rule is for eager libraries (benchmarks/RESULTS.md)")
     fast = importlib.import_module(FAST)
@@ -268,9 +290,10 @@ def test_cpu_block_budget(monkeypatch):
 
     monkeypatch.setattr(fast, "fast_drift", spy)
     v_ref, _, _ = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=kw["matmul"])
-    for cache, block, expected in ((224, 1000, 224), (100, 1000, 112), (50, 60, 60)):
+    for cache, block, split, expected in ((224, 1000, 30, 224), (100, 1000, 30, 112), (50, 60, 30, 30)):
         monkeypatch.setattr(fast, "CPU_CACHE_ELEMENTS", cache)
         monkeypatch.setattr(fast, "CPU_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(fast, "CPU_SPLIT_ELEMENTS", split)
         v, _, _ = compute(x, pos, neg, w, opts, **kw)
         assert budgets[-1] == expected
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
@@ -314,7 +337,7 @@ def test_blocked_public_loss_equals_unblocked_eager_and_compiled(dtype):
     loss, grad = _loss_and_grad(f, x)
     fast = importlib.import_module(FAST)
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("CPU_CACHE_ELEMENTS", "CPU_BLOCK_ELEMENTS", "CUDA_BLOCK_ELEMENTS",
+        for name in ("CPU_CACHE_ELEMENTS", "CPU_BLOCK_ELEMENTS", "CPU_SPLIT_ELEMENTS", "CUDA_BLOCK_ELEMENTS",
                      "ACCELERATOR_BLOCK_ELEMENTS"):
             if hasattr(fast, name):
                 mp.setattr(fast, name, 3 * 21 * 5)  # 5 of 10 rows per block
