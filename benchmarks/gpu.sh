@@ -20,11 +20,11 @@ timeout 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_path.py 2>&1 
 
 # b2-class at full width: ~20 s of data generation, then ~10 s per torch row (Triton compiles) and up to a
 # minute for JAX's compile; the first H200 session's full list of 15 rows did not fit in 4 minutes.
-# torch (the default, blocked) shares one evaluation among the groups of a map; torch-pergroup is the same
-# one group at a time (the H200's first runs); torch-fused is the opt-in Triton path; jax sums per-group
-# calls, jax-groups is drifting_loss_groups.
+# torch (the default, blocked) shares one evaluation among the groups of a map; torch-augmented is the same
+# with the augmented distance product (the default, at full width, takes the plain one); torch-fused is the
+# opt-in Triton path; jax sums per-group calls, jax-groups is drifting_loss_groups.
 timeout 250 "$PY" -m benchmarks.run --device cuda --scenarios b2-class --repeats 5 --no-append --impls \
-    paper-literal torch torch-pergroup torch-fused "torch-fused:bc=16" jax jax-groups \
+    paper-literal torch torch-augmented torch-fused "torch-fused:bc=16" jax jax-groups \
     > "$OUT/b2.md" 2> "$OUT/b2.log"
 
 timeout 60 "$PY" -m benchmarks.profile_step --scenario b2-class --impl torch > "$OUT/profile.txt" 2>&1

@@ -16,6 +16,8 @@ torch-fused:k=v,...  the fused kernels with other settings: prec=D/L/F (tl.dot i
                automatically where shared memory is short); e.g. torch-fused:prec=tf32x3/tf32/tf32x3
 torch-pergroup torch with one evaluation per group (what it runs on the CPU, where torch does not share
                them)
+torch-augmented torch with the squared distances always from the augmented product (the default
+               takes it only where copying the points costs less than the passes it saves)
 torch-core     torch with the fast-path hooks switched off (the reference core on torch)
 jax, jax-core  the sum of one driftloss.adapters.jax.drifting_loss per call (group) under
                jax.jit(jax.value_and_grad(...)), fast path on / off
@@ -39,8 +41,9 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-fused", "torch-pergroup", "torch-core",
-         "jax", "jax-groups", "jax-core")
+TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-core")  # and torch-fused[:k=v,...]
+IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-fused", "torch-pergroup", "torch-augmented",
+         "torch-core", "jax", "jax-groups", "jax-core")
 
 
 @dataclasses.dataclass
@@ -107,6 +110,8 @@ def context(impl: str) -> contextlib.AbstractContextManager:
         return fast_path("torch", True, fused=False)
     if impl == "torch-pergroup":
         return fast_path("torch", True, fused=False, shared=False)
+    if impl == "torch-augmented":
+        return always_augmented()
     if impl in ("torch-core", "reference-cuda"):
         return fast_path("torch", False)
     if impl in ("jax", "jax-core"):
@@ -114,6 +119,19 @@ def context(impl: str) -> contextlib.AbstractContextManager:
     if impl in ("reference", "numpy-core"):
         return numpy_core()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def always_augmented():
+    """torch's blocked fast drift with the squared distances always from the augmented product."""
+    from driftloss.adapters import torch_fast
+
+    saved = torch_fast.AUGMENT
+    torch_fast.AUGMENT = True
+    try:
+        yield
+    finally:
+        torch_fast.AUGMENT = saved
 
 
 @contextlib.contextmanager
@@ -133,7 +151,7 @@ def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.Abs
     """A runner and the context it must run in (``context(impl)`` gives another)."""
     if impl == "paper-literal":
         runner = _paper_literal(scen, device)
-    elif impl in ("torch", "torch-pergroup", "torch-core") or impl.startswith("torch-fused"):
+    elif impl in TORCH_IMPLS or impl.startswith("torch-fused"):
         runner = _torch(scen, device)
     elif impl in ("reference-cuda", "reference-cuda-blocked"):
         runner = _torch(scen, device, dtype="float64")

@@ -50,6 +50,19 @@ def _status_kib(key: str) -> int:
         return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1))
 
 
+def keep_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse in this process: large blocks from the heap, not fresh
+    mmaps (M_MMAP_THRESHOLD 256 MiB), and no trimming below 1 GiB (M_TRIM_THRESHOLD), as
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ or a caching allocator (jemalloc, tcmalloc) do.
+    With glibc's defaults a large temporary is a fresh mapping, page-faulted on every op."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+    if not (libc.mallopt(m_mmap_threshold, 256 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise RuntimeError("mallopt refused the thresholds")
+
+
 def probe_peak_memory(runner: impls.Runner, device: str, impl: str) -> dict:
     """Peak memory of one warm step in this (fresh) process, in bytes.
 

@@ -48,6 +48,9 @@ def parse(argv):
                    help="skip runs estimated above this (default 4 on cpu, 70 on cuda)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU timings with glibc keeping freed memory for reuse (as jemalloc/tcmalloc or "
+                        "MALLOC_MMAP_THRESHOLD_ would): large temporaries are not page-faulted afresh")
     p.add_argument("--probe-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.width_scale is None:
@@ -129,6 +132,8 @@ def header(args, info, scens):
         f"- versions: python {info['python']}, numpy {v['numpy']}, torch {v['torch']}, jax {v['jax']}, "
         f"driftloss {v['driftloss']}",
         f"- repeats: median of {args.repeats} after one warm-up; b2-class width scale {args.width_scale:g}",
+        "- allocator: " + ("glibc keeping freed memory (mallopt: mmap threshold 256 MiB, trim threshold "
+                           "1 GiB)" if args.keep_freed_memory else "glibc defaults"),
         "- useful FLOP = sum over problems of 2·N·J·C·(1 + T), J = N + M + P, T = 3 (distance product + "
         "one drift product per τ; = 8·N·J·C): " + ", ".join(f"{s.name} {s.useful_flop() / 1e9:.1f} GFLOP "
                                                             f"({s.problems()} problems)" for s in scens),
@@ -160,6 +165,8 @@ def main(argv=None):
         with ctx:
             print(json.dumps(measure.probe_peak_memory(runner, args.device, args.impls[0])))
         return
+    if args.keep_freed_memory:
+        measure.keep_freed_memory()
     info = measure.machine(args.device)
     rows, scens = [], []
     for name in args.scenarios:

@@ -8,8 +8,9 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   of each row / column is exactly 1),
       A_ij = h_ij g_ij / (||h_i.|| ||g_.j||) * w_j = exp(½ log_softmax_j + ½ log_softmax_i) * w_j,
   and h, g underflow only where A itself is below float range (DESIGN §7's concern);
-- the squared distances come from one product of augmented points, [-2x, |x|^2, 1] . [y, 1, |y|^2];
-  they stay in input units, with 1/S folded into the exponent rates;
+- the squared distances come from one product of augmented points, [-2x, |x|^2, 1] . [y, 1, |y|^2],
+  where copying the points costs less than the elementwise passes it saves (narrow points), else from
+  x . y plus the squared norms; they stay in input units, with 1/S folded into the exponent rates;
 - the row and column normalizations, weights, a, r and 1/s are folded into row coefficients of the
   drift product (F = a s- A+y+ - r s+ A-y- - (a - r) s- s+ x, DESIGN §2 step 4); where the points
   are wider than the columns, the coefficients go on the kernel side and one signed product gives F;
@@ -120,7 +121,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                block_elements: int = DEFAULT_BLOCK_ELEMENTS,
                loop: BlockLoop = PYTHON_LOOP,
                segments: Sequence[int] | None = None,
-               keep_elements: int = DEFAULT_KEEP_ELEMENTS) -> tuple[Any, Any, dict[str, Any]]:
+               keep_elements: int = DEFAULT_KEEP_ELEMENTS,
+               augment: bool | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` (same arguments and results) by blocks of at most ``block_elements`` entries.
 
     x [..., N, D], pos [..., P, D], neg [..., M, D] or None; weights (x_w [..., N], neg_w [..., M]
@@ -131,6 +133,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     (the feature groups of ``drifting_loss_groups``, evaluated in one pass); None: one segment.
     ``keep_elements``: when whole problems fit a block and all L * N * J distances have at most this
     many entries, the first pass keeps them for the drift pass instead of recomputing them there.
+    ``augment`` (D > 4): squared distances from one product of augmented points (True), or from a
+    product plus the squared norms in elementwise passes (False); None: whichever moves less memory.
     Returns (V [..., N, D], s, stats) as ``compute_drift``; with segments, s and the stats carry a
     leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T]).
     """
@@ -146,7 +150,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     centre = xp.mean(y, axis=-2, keepdims=True)
     xc, yc = x - centre, y - centre
     ctx = _Context(xc=xc, yc=yc, w=w, n_neg=n_neg, opts=opts, xp=xp, matmul=matmul, device=device(x),
-                   take=loop.take, runs=runs)
+                   take=loop.take, runs=runs, augment=augment)
     n_taus, n_segs = len(opts.taus), len(counts)
     plan = _Plan(n_probs, n, j * n_taus, block_elements)
     if opts.x_as_negatives and not plan.rows_split:  # made once here, not inside a traced loop body
@@ -369,15 +373,22 @@ def _runs(total: int, size: int) -> list[tuple[list[int], int]]:
 class _Context:
     """The per-call arrays and the block computations of ``fast_drift``."""
 
-    def __init__(self, *, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs):
+    def __init__(self, *, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs, augment):
         self.xc, self.yc, self.w, self.device, self.take = xc, yc, w, device, take
         self.n_neg, self.opts, self.xp, self.matmul = n_neg, opts, xp, matmul
-        if xc.shape[-1] > DIRECT_MAX_FEATURES:
-            # Squared distances as one product: [-2x, |x|^2, 1] . [y, 1, |y|^2] = |x|^2 + |y|^2 - 2 x.y
-            # (scaling by -2 is exact), instead of three elementwise passes over each [rows, J] block.
+        n, (j, d_feat) = xc.shape[-2], yc.shape[-2:]
+        self.augmented = False  # squared distances from one product of augmented points
+        if d_feat > DIRECT_MAX_FEATURES:
             x2, y2 = xp.sum(xc * xc, axis=-1, keepdims=True), xp.sum(yc * yc, axis=-1, keepdims=True)
-            self.x_gram = xp.concat([-2 * xc, x2, xp.ones_like(x2)], axis=-1)  # [L, N, D + 2]
-            self.y_gram = xp.concat([yc, xp.ones_like(y2), y2], axis=-1)  # [L, J, D + 2]
+            # [-2x, |x|^2, 1] . [y, 1, |y|^2] = |x|^2 + |y|^2 - 2 x.y (scaling by -2 is exact) saves three
+            # elementwise passes over each [rows, J] block, but copies the points: by default only while
+            # the copies, (N + J) (D + 2) entries per problem, are smaller than those passes, 3 N J.
+            self.augmented = (n + j) * (d_feat + 2) < 3 * n * j if augment is None else augment
+            if self.augmented:
+                self.x_gram = xp.concat([-2 * xc, x2, xp.ones_like(x2)], axis=-1)  # [L, N, D + 2]
+                self.y_gram = xp.concat([yc, xp.ones_like(y2), y2], axis=-1)  # [L, J, D + 2]
+            else:
+                self.x_sq, self.y_sq = x2, xp.matrix_transpose(y2)  # [L, N, 1], [L, 1, J]
         self.whole_rows_mask = None  # the self-pair mask [N, J] of blocks of whole problems
         self.penalty = None  # a sample's distance to itself [L or 1, 1, 1], set once S is known
         self.inv_feature_scale = 1.0  # 1/s: a number or [L or 1, 1, 1, 1], set once S is known
@@ -452,9 +463,13 @@ class _Context:
             xb, yb = self.rows(self.xc, b), self.problems(self.yc, b)
             diff = xp.expand_dims(xb, axis=-2) - xp.expand_dims(yb, axis=-3)
             d = xp.sqrt(xp.sum(diff * diff, axis=-1))
-        else:
+        elif self.augmented:
             xb, yb = self.rows(self.x_gram, b), self.problems(self.y_gram, b)
             d = xp.sqrt(xp.clip(self.matmul(xb, xp.matrix_transpose(yb)), min=0))
+        else:
+            xy = self.matmul(self.rows(self.xc, b), xp.matrix_transpose(self.problems(self.yc, b)))
+            d2 = self.rows(self.x_sq, b) + (self.problems(self.y_sq, b) - 2 * xy)
+            d = xp.sqrt(xp.clip(d2, min=0))
         mask = self.self_mask(b) if zero_self else None
         return d if mask is None else xp.where(mask, 0.0, d)
 

@@ -95,16 +95,14 @@ def drifting_loss_groups(
         total = be.fused_loss(calls, opts, reduction)  # all groups in one fused evaluation (opt-in, CUDA)
         if total is not None:
             return total
-    per_group = _shared_losses(calls, opts, reduction, xp, be)
+    if not return_stats:
+        return be.as_array(_summed_loss(calls, opts, reduction, xp, be))  # NumPy reductions give scalars
     total, stats = None, {}
-    for name, (loss, group_stats) in zip(names, per_group):
-        if reduction == "none":
-            loss = xp.mean(loss, axis=-1)  # [..., L] -> [...]
+    for name, (loss, group_stats) in zip(names, _shared_losses(calls, opts, reduction, xp, be)):
+        loss = _group_term(loss, reduction, xp)
         total = loss if total is None else total + loss
-        if return_stats:
-            stats[name] = {**group_stats, "loss": _detached(loss, xp)}
-    total = be.as_array(total)  # NumPy reductions give scalars
-    return (total, stats) if return_stats else total
+        stats[name] = {**group_stats, "loss": _detached(loss, xp)}
+    return be.as_array(total), stats
 
 
 def _options(fn, taus, return_stats, cross_replica_sum, loss_options) -> DriftOptions:
@@ -140,30 +138,76 @@ def _validated_calls(fn, names, gen, pos, neg, weights, opts, xp):
     return calls, be, group_opts
 
 
-def _shared_losses(calls, opts, reduction, xp, be):
-    """[(loss, stats)] per call. Where the backend has a fast drift and shares groups
-    (``Backend.share_groups``), the calls of one shape (the groups of a feature map) share one
-    evaluation; otherwise each call runs on its own."""
-    out = [None] * len(calls)
+def _group_term(loss: Any, reduction: str, xp: Any) -> Any:
+    """A group's term of the total: its loss, averaged over its L locations for reduction="none"."""
+    return xp.mean(loss, axis=-1) if reduction == "none" else loss  # [..., L] -> [...]
+
+
+def _buckets(calls, xp, be) -> list[list[int]]:
+    """Indices of the calls of one shape (the groups of a feature map: same leading dims, n, C, P,
+    M, dtype and device), bucket by bucket in order of first appearance."""
     buckets: dict[tuple, list[int]] = {}
     for i, (x, p, q, _) in enumerate(calls):
         key = (tuple(x.shape[:-3]), tuple(x.shape[-2:]), p.shape[-2], None if q is None else q.shape[-2],
                compute_dtype(xp, [x, p, q]), be.device(x))
         buckets.setdefault(key, []).append(i)
-    for idx in buckets.values():
+    return list(buckets.values())
+
+
+def _shared_losses(calls, opts, reduction, xp, be):
+    """[(loss, stats)] per call. Where the backend has a fast drift and shares groups
+    (``Backend.share_groups``), the calls of one shape (the groups of a feature map) share one
+    evaluation; otherwise each call runs on its own."""
+    out = [None] * len(calls)
+    for idx in _buckets(calls, xp, be):
         group = [calls[i] for i in idx]
-        shared = _stacked_losses(group, opts, reduction, xp, be) if len(idx) > 1 else None
-        for i, result in zip(idx, shared or [loss_of_checked(*c, opts, reduction, xp, be) for c in group]):
+        shared = _stacked_drift(group, opts, xp, be) if len(idx) > 1 else None
+        if shared is None:
+            results = [loss_of_checked(*c, opts, reduction, xp, be) for c in group]
+        else:
+            per_problem, sizes, stats = shared
+            results, start = [], 0
+            for g, size in enumerate(sizes):
+                loss = reduce_problems(per_problem[..., start:start + size], reduction, xp, be)
+                start += size
+                results.append((loss, {k: be.as_array(a[g, ...]) for k, a in stats.items()}))
+        for i, result in zip(idx, results):
             out[i] = result
     return out
 
 
-def _stacked_losses(calls, opts, reduction, xp, be):
-    """[(loss, stats)] of calls of one shape [..., L_g, n, C] that share their weights, from one
-    ``compute_drift`` over their problems stacked along the location axis [..., sum L_g, n, C]:
-    each call is a segment with its own S, s and lambda (``_fast_drift.fast_drift``), and one
-    regression gives every problem's loss. None where the backend has no fast drift, does not share
-    groups on this device, or declines."""
+def _summed_loss(calls, opts, reduction, xp, be):
+    """The total of ``drifting_loss_groups`` (no stats): as the sum of ``_shared_losses``, but a
+    bucket that shares one evaluation gives its whole term in one weighted sum over its problems
+    instead of one slice and one reduction per group (on a GPU, each a kernel launch, forward and
+    backward)."""
+    total = None
+    for idx in _buckets(calls, xp, be):
+        group = [calls[i] for i in idx]
+        shared = _stacked_drift(group, opts, xp, be) if len(idx) > 1 else None
+        if shared is None:
+            terms = [_group_term(loss_of_checked(*c, opts, reduction, xp, be)[0], reduction, xp)
+                     for c in group]
+        else:
+            per_problem, sizes, _ = shared  # [..., sum L]
+            if reduction == "sum":
+                terms = [xp.sum(per_problem)]
+            else:  # each group's mean over its locations (and, for "mean", over the leading dims)
+                inv_size = xp.asarray([1.0 / size for size in sizes for _ in range(size)],
+                                      dtype=per_problem.dtype, device=be.device(per_problem))
+                per_lead = xp.sum(per_problem * inv_size, axis=-1)  # [...]
+                terms = [per_lead if reduction == "none" else xp.mean(per_lead)]
+        for term in terms:
+            total = term if total is None else total + term
+    return total
+
+
+def _stacked_drift(calls, opts, xp, be):
+    """(per-problem losses [..., sum L], the calls' L, stats with a leading [calls] axis) of calls of
+    one shape [..., L_g, n, C] that share their weights, from one ``compute_drift`` over their
+    problems stacked along the location axis [..., sum L_g, n, C]: each call is a segment with its
+    own S, s and lambda (``_fast_drift.fast_drift``), and one regression gives every problem's loss.
+    None where the backend has no fast drift, does not share groups on this device, or declines."""
     x0, p0, q0, shared_weights = calls[0]
     if be.compute_drift is None or not be.share_groups(x0):
         return None
@@ -189,13 +233,7 @@ def _stacked_losses(calls, opts, reduction, xp, be):
     if opts.normalize:  # s [G] -> each location's [sum L, 1, 1]
         index = xp.asarray(run_of_location, device=be.device(x0))
         s = xp.reshape(xp.take(s, index, axis=0), (-1, 1, 1))
-    per_problem = regression_loss(xq, v, s, "none", xp, be)  # [..., sum L]
-    results, start = [], 0
-    for g, size in enumerate(sizes):
-        loss = reduce_problems(per_problem[..., start:start + size], reduction, xp, be)
-        start += size
-        results.append((loss, {k: be.as_array(a[g, ...]) for k, a in stats.items()}))
-    return results
+    return regression_loss(xq, v, s, "none", xp, be), sizes, stats
 
 
 def _check_groups(fn: str, gen: Any, pos: Any, neg: Any) -> list[str]:

@@ -106,17 +106,18 @@ LAYOUT_WIDTHS = (5, 10, 32)
                          ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_product_layouts_equal_reference_float64(case, d):
     """Each layout of the drift product, for every block plan, with the first pass's distances kept
-    for the drift pass or recomputed there (keep_elements=0)."""
+    for the drift pass or recomputed there (keep_elements=0), and the distances from the augmented
+    product or from x . y plus the norms."""
     x, pos, neg, w = _problem(10, n=7, p=5, m=4, d=d)
     opts = _options(case, stats=True)
     v_ref, s_ref, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
-    for block, keep in itertools.product(BLOCKS, (1 << 24, 0)):
+    for block, keep, augment in itertools.product(BLOCKS, (1 << 24, 0), (True, False)):
         v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
-                              keep_elements=keep)
-        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, (block, keep)
+                              keep_elements=keep, augment=augment)
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, (block, keep, augment)
         assert float(s) == pytest.approx(float(s_ref), rel=1e-12)
         for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
-            assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, (key, block, keep)
+            assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, (key, block, keep, augment)
 
 
 @pytest.mark.parametrize("kernel", ["both", "y", "none"])

@@ -182,6 +182,12 @@ def test_groups_of_one_shape_equal_separate_calls(shared_data, kw, sharing):
     by_hand = sum(B.to_numpy(loss).mean(axis=-1) for loss, _ in singles.values())
     np.testing.assert_allclose(B.to_numpy(per_class), by_hand, rtol=1e-12)
     np.testing.assert_allclose(float(B.to_numpy(total)), by_hand.mean(), rtol=1e-12)
+    # Without stats, a shared evaluation gives its groups' whole term at once (_summed_loss).
+    summed = sum(B.to_numpy(loss).sum() for loss, _ in singles.values())
+    for reduction, expected in (("mean", by_hand.mean()), ("sum", summed)):
+        got = driftloss.drifting_loss_groups(on_backend(gen), on_backend(pos), on_backend(neg), taus,
+                                             neg_weight=B.asarray(w, F64), reduction=reduction, **kw)
+        np.testing.assert_allclose(float(B.to_numpy(got)), expected, rtol=1e-12, err_msg=reduction)
     for k, (loss, single_stats) in singles.items():
         np.testing.assert_allclose(B.to_numpy(stats[k]["loss"]), B.to_numpy(loss).mean(), rtol=1e-12)
         for key, value in single_stats.items():
