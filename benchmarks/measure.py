@@ -57,10 +57,13 @@ def keep_freed_memory() -> None:
     With glibc's defaults a large temporary is a fresh mapping, page-faulted on every op."""
     import ctypes
 
-    libc = ctypes.CDLL("libc.so.6")
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError) as e:
+        raise SystemExit(f"--keep-freed-memory needs glibc (libc.so.6 with mallopt): {e}") from e
     m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
-    if not (libc.mallopt(m_mmap_threshold, 256 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
-        raise RuntimeError("mallopt refused the thresholds")
+    if not (mallopt(m_mmap_threshold, 256 << 20) and mallopt(m_trim_threshold, 1 << 30)):
+        raise SystemExit("--keep-freed-memory: mallopt refused the thresholds")
 
 
 def probe_peak_memory(runner: impls.Runner, device: str, impl: str) -> dict:
