@@ -20,8 +20,10 @@ from driftloss._fast_drift import BlockLoop, fast_drift
 
 # Largest [problems, taus, rows, columns] temporary per block, in entries (float32: 4 bytes each).
 # CPU: 16 MiB blocks ran faster than 64 MiB ones under the scan on 2 cores (toy-large-64d 6.6 s vs
-# 9.2 s, b2-class 0.60 s vs 0.75 s per jitted loss and gradient; XLA temporaries 90 vs 201 MiB).
-CPU_BLOCK_ELEMENTS = 1 << 22
+# 9.2 s, b2-class 0.60 s vs 0.75 s per jitted loss and gradient; XLA temporaries 90 vs 201 MiB), and
+# 8 MiB ones faster still on b2-class (per-group calls 0.49-0.56 s vs 0.60-0.65 s; drifting_loss_groups
+# 0.45-0.49 s vs 0.56-0.57 s, 4 MiB: 0.69-0.79 s), at about the same toy-large-64d (7.5-7.8 vs 7.3-7.6 s).
+CPU_BLOCK_ELEMENTS = 1 << 21
 ACCELERATOR_BLOCK_ELEMENTS = 1 << 26
 # The drift pass recomputes the distances rather than reading them back from the first pass: XLA fuses
 # the recomputation into the pass (b2-class, 2 cores: 0.97 s CPU time per step vs 1.03 s keeping them).
