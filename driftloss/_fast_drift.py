@@ -163,7 +163,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         """Sum of w_j d_ij over the block [G]; dist's self pairs are 0, or unset when rows are whole."""
         wb = ctx.problems(w, b)
         per_problem = xp.sum(xp.sum(dist, axis=-2) * wb, axis=-1)  # [p]
-        if ctx.self_mask(b) is not None and not plan.rows_split:
+        if opts.x_as_negatives and not plan.rows_split:
             # The self pairs (i, i) sit every J + 1 entries of the flattened block: take them out here
             # instead of a masked pass over the block.
             diag = xp.reshape(dist, (dist.shape[0], -1))[:, ::j + 1][:, :n]  # [p, N]
