@@ -482,12 +482,11 @@ class _Context:
     def penalized_column_min(self, col_min: Any) -> Any:
         """Column minima of the penalized d [L, J] from minima of d excluding self pairs [L, J]."""
         xp = self.xp
-        m = col_min
-        if self.opts.x_as_negatives:
-            n, j = self.xc.shape[-2], self.yc.shape[-2]
-            is_x = xp.arange(j, device=self.device) < n
-            m = xp.where(is_x, xp.minimum(m, self.penalty[..., 0] + 0.0 * m), m)
-        return m
+        if not self.opts.x_as_negatives:
+            return col_min
+        n, j = self.xc.shape[-2], self.yc.shape[-2]
+        is_x = xp.arange(j, device=self.device) < n
+        return xp.where(is_x, xp.minimum(col_min, self.penalty[..., 0] + 0.0 * col_min), col_min)
 
     def column_factor_terms(self, dist: Any, col_min: Any, b: _Block) -> Any:
         """g = exp((min_i d - d) / 2tau S) [p, T, rows, J], given the column minima [p, J]."""

@@ -154,14 +154,19 @@ def _buckets(calls, xp, be) -> list[list[int]]:
     return list(buckets.values())
 
 
-def _shared_losses(calls, opts, reduction, xp, be):
-    """[(loss, stats)] per call. Where the backend has a fast drift and shares groups
-    (``Backend.share_groups``), the calls of one shape (the groups of a feature map) share one
-    evaluation; otherwise each call runs on its own."""
-    out = [None] * len(calls)
+def _evaluated_buckets(calls, opts, xp, be):
+    """(indices, calls, ``_stacked_drift`` result or None) per bucket of calls of one shape: where the
+    backend has a fast drift and shares groups (``Backend.share_groups``), a bucket of several calls
+    (the groups of a feature map) shares one evaluation; otherwise (None) each call runs on its own."""
     for idx in _buckets(calls, xp, be):
         group = [calls[i] for i in idx]
-        shared = _stacked_drift(group, opts, xp, be) if len(idx) > 1 else None
+        yield idx, group, (_stacked_drift(group, opts, xp, be) if len(idx) > 1 else None)
+
+
+def _shared_losses(calls, opts, reduction, xp, be):
+    """[(loss, stats)] per call, the buckets of ``_evaluated_buckets`` sliced back into their calls."""
+    out = [None] * len(calls)
+    for idx, group, shared in _evaluated_buckets(calls, opts, xp, be):
         if shared is None:
             results = [loss_of_checked(*c, opts, reduction, xp, be) for c in group]
         else:
@@ -182,9 +187,7 @@ def _summed_loss(calls, opts, reduction, xp, be):
     instead of one slice and one reduction per group (on a GPU, each a kernel launch, forward and
     backward)."""
     total = None
-    for idx in _buckets(calls, xp, be):
-        group = [calls[i] for i in idx]
-        shared = _stacked_drift(group, opts, xp, be) if len(idx) > 1 else None
+    for _, group, shared in _evaluated_buckets(calls, opts, xp, be):
         if shared is None:
             terms = [_group_term(loss_of_checked(*c, opts, reduction, xp, be)[0], reduction, xp)
                      for c in group]
