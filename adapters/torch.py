@@ -46,6 +46,8 @@ def _eager_field_context(device_type: str):
 def _is_concrete(a: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
+    if a.is_cuda and torch.cuda.is_current_stream_capturing():  # reading a value would break the capture
+        return False
     return not torch._C._functorch.is_functorch_wrapped_tensor(a)
 
 
@@ -78,6 +80,7 @@ BACKEND = Backend(
     fused_loss=torch_fused.backend_fused_loss,
     # On the CPU the stacking copies cost more than the saved operators (benchmarks/RESULTS.md).
     share_groups=lambda a: a.device.type != "cpu",
+    constant=torch_fast.device_constant,
 )
 
 

@@ -10,10 +10,14 @@ and large.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import torch
+from driftloss.adapters import torch_tf32
+
 from driftloss._drift import DriftOptions
-from driftloss._fast_drift import cpu_block_elements, fast_drift
+from driftloss._fast_drift import cpu_block_elements, fast_drift, wide_points_block_elements
 
 # Entries of the largest [problems, taus, rows, columns] temporary per block (float32: 4 bytes each).
 # 4 MiB: whole problems grouped up to this, passes in the last-level cache. Larger than NumPy's 1 MiB
@@ -23,10 +27,44 @@ from driftloss._fast_drift import cpu_block_elements, fast_drift
 CPU_CACHE_ELEMENTS = 1 << 20
 CPU_BLOCK_ELEMENTS = 1 << 24  # 64 MiB: above this a problem's rows are split ...
 CPU_SPLIT_ELEMENTS = 1 << 20  # ... into blocks of 4 MiB (driftloss._fast_drift.CPU_SPLIT_ELEMENTS)
-CUDA_BLOCK_ELEMENTS = 1 << 26  # 256 MiB: few, large kernels
+# 256 MiB on accelerators: few, large kernels. The drift's block [problems, T, rows, D] is held to it
+# too (wide_points_block_elements): b2-class at full width with this plan, measured on the CPU
+# (benchmarks.run --torch-plan accelerator), peaks at 4.55 GiB instead of 5.41 GiB, for 1,101
+# launching operators per step instead of 630 (benchmarks.op_count; ~60-250 MiB each, long enough
+# on a GPU for the host to launch the next).
+CUDA_BLOCK_ELEMENTS = 1 << 26
 # fast_drift's ``augment``: None picks the augmented distance product where copying the points costs
 # less than the elementwise passes it saves (b2-class: the narrow maps on the CPU, none at full width).
 AUGMENT: bool | None = None
+# The products on CUDA (adapters/torch_tf32.py): "ieee" (float32, the default), "tf32x3" (three TF32
+# products, float32-faithful) or "tf32" (one, ~1e-3 error); eager calls only (a compiled graph keeps
+# the precision in force when it was compiled).
+CUDA_PRODUCTS = "ieee"
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_constant(values: tuple, dtype: Any, device: Any) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _frozen(values: Any) -> Any:
+    return tuple(_frozen(v) for v in values) if isinstance(values, (list, tuple)) else values
+
+
+def device_constant(xp: Any, values: Any, dtype: Any, device: Any) -> torch.Tensor:
+    """``Backend.constant`` for torch: Python numbers as a tensor, made once per (values, dtype, device)
+    on accelerators. Making one there is a copy from pageable host memory, after which the host waits
+    for the device's queued work (it would stall a step several times per call), and which a CUDA graph
+    capture cannot hold. Callers must not modify the result in place."""
+    if torch.device(device).type == "cpu" or torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(_frozen(values), dtype, device)
+
+
+def block_plan(a: Any) -> str:
+    """The block plan for a call on a's device: "cpu" (cache-sized blocks, above) or "accelerator"
+    (CUDA_BLOCK_ELEMENTS). benchmarks/op_count.py replaces it to count the accelerator plan on the CPU."""
+    return "cpu" if a.device.type == "cpu" else "accelerator"
 
 
 def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
@@ -34,10 +72,12 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
                   segments: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """``driftloss._drift.compute_drift`` for torch tensors (same arguments and results); ``segments``
     as ``fast_drift``'s."""
-    if x.device.type == "cpu":
+    if block_plan(x) == "cpu":
         budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS,
                                     CPU_SPLIT_ELEMENTS)
     else:
-        budget = CUDA_BLOCK_ELEMENTS
+        budget = wide_points_block_elements(x, pos, neg, opts, CUDA_BLOCK_ELEMENTS)
+        if x.device.type == "cuda" and not torch.compiler.is_compiling():
+            matmul = torch_tf32.products(CUDA_PRODUCTS, matmul)
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
-                      segments=segments, augment=AUGMENT)
+                      segments=segments, augment=AUGMENT, constant=device_constant)

@@ -18,6 +18,12 @@ torch-pergroup torch with one evaluation per group (what it runs on the CPU, whe
                them)
 torch-augmented torch with the squared distances always from the augmented product (the default
                takes it only where copying the points costs less than the passes it saves)
+torch-tf32x3, torch-tf32  torch with the blocked path's products on CUDA from three TF32 products
+               (float32-faithful) or one (fast, lossy): driftloss.adapters.torch_tf32, opt-in
+torch-graphed  torch's step (loss and backward) captured once in a CUDA graph and replayed: the step
+               without Python and launch overhead, as torch.compile(mode="reduce-overhead") or a
+               graphed training step would run it; its peak memory is the graph's pool, measured
+               at capture (CUDA only)
 torch-core     torch with the fast-path hooks switched off (the reference core on torch)
 jax, jax-core  the sum of one driftloss.adapters.jax.drifting_loss per call (group) under
                jax.jit(jax.value_and_grad(...)), fast path on / off
@@ -42,9 +48,10 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-core")  # and torch-fused[:k=v,...]
+TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32", "torch-graphed",
+               "torch-core")  # and torch-fused[:k=v,...]
 IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-fused", "torch-pergroup", "torch-augmented",
-         "torch-core", "jax", "jax-groups", "jax-core")
+         "torch-tf32x3", "torch-tf32", "torch-graphed", "torch-core", "jax", "jax-groups", "jax-core")
 
 
 @dataclasses.dataclass
@@ -52,6 +59,7 @@ class Runner:
     step: Callable[[], Any]  # one loss and gradient evaluation; returns framework arrays
     sync: Callable[[Any], None]  # waits for the device
     to_numpy: Callable[[Any], tuple[float, list[np.ndarray]]]  # (loss, gradient per call)
+    peak_bytes: int | None = None  # memory held for the step where it is set aside at setup (graphs)
 
 
 @contextlib.contextmanager
@@ -74,6 +82,17 @@ def fast_path(adapter: str, enabled: bool, fused: bool | None = None, shared: bo
         yield
     finally:
         module.BACKEND = saved
+
+
+@contextlib.contextmanager
+def accelerator_plan():
+    """torch's blocked path planned as on CUDA (blocks of CUDA_BLOCK_ELEMENTS, the groups of one shape
+    in one evaluation) whatever the device: its memory and operator counts measured on the CPU."""
+    from driftloss.adapters import torch_fast
+
+    with mock.patch.object(torch_fast, "block_plan", lambda a: "accelerator"), fast_path("torch", True,
+                                                                                         shared=True):
+        yield
 
 
 @contextlib.contextmanager
@@ -115,6 +134,10 @@ def context(impl: str) -> contextlib.AbstractContextManager:
         from driftloss.adapters import torch_fast
 
         return mock.patch.object(torch_fast, "AUGMENT", True)
+    if impl in ("torch-tf32x3", "torch-tf32"):
+        from driftloss.adapters import torch_fast
+
+        return mock.patch.object(torch_fast, "CUDA_PRODUCTS", impl.removeprefix("torch-"))
     if impl in ("torch-core", "reference-cuda"):
         return fast_path("torch", False)
     if impl in ("jax", "jax-core"):
@@ -141,6 +164,8 @@ def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.Abs
     """A runner and the context it must run in (``context(impl)`` gives another)."""
     if impl == "paper-literal":
         runner = _paper_literal(scen, device)
+    elif impl == "torch-graphed":
+        runner = _graphed(_torch(scen, device))
     elif impl in TORCH_IMPLS or impl.startswith("torch-fused"):
         runner = _torch(scen, device)
     elif impl in ("reference-cuda", "reference-cuda-blocked"):
@@ -186,6 +211,35 @@ def _torch_runner(torch, xs, loss_fn) -> Runner:
         return float(loss.detach()), [x.grad.detach().cpu().double().numpy() for x in xs]
 
     return Runner(step, sync, to_numpy)
+
+
+def _graphed(runner: Runner) -> Runner:
+    """``runner``'s step captured in one CUDA graph (after warm-up steps on a side stream, as
+    torch.cuda.graph requires) and replayed; the gradients live in the graph's pool."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("torch-graphed needs CUDA")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            runner.sync(runner.step())
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = runner.step()  # sets the gradients to None first: backward allocates them in the pool
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+
+    def step():
+        graph.replay()
+        return loss
+
+    return Runner(step, runner.sync, runner.to_numpy, peak_bytes=peak)
 
 
 def _paper_literal(scen: Scenario, device: str) -> Runner:

@@ -71,10 +71,13 @@ def probe_peak_memory(runner: impls.Runner, device: str, impl: str) -> dict:
 
     CUDA: torch.cuda.max_memory_allocated above what was allocated before the step (torch impls);
     JAX on GPU: the device's peak_bytes_in_use, process-wide so far (includes the inputs).
+    A runner that sets its memory aside at setup (a CUDA graph's pool) reports that instead.
     CPU: peak resident set growth during the step (VmHWM reset through /proc/self/clear_refs, minus
     VmRSS before), in a process started with glibc's mmap threshold pinned at 128 KiB so that freed
     buffers leave the resident set; NumPy also gets tracemalloc's peak as a cross-check of that method.
     """
+    if runner.peak_bytes is not None:
+        return {"peak": runner.peak_bytes}
     out = runner.step()  # warm-up: compilation, lazy initialisation
     runner.sync(out)
     del out
@@ -107,11 +110,13 @@ def probe_peak_memory(runner: impls.Runner, device: str, impl: str) -> dict:
     return res
 
 
-def peak_memory_subprocess(scenario: str, impl: str, device: str, width_scale: float) -> dict:
-    """Run ``probe_peak_memory`` in a fresh interpreter (clean allocator state, clean peak)."""
+def peak_memory_subprocess(scenario: str, impl: str, device: str, width_scale: float,
+                           extra: list[str] = ()) -> dict:
+    """Run ``probe_peak_memory`` in a fresh interpreter (clean allocator state, clean peak); ``extra``:
+    more benchmarks.run arguments for it."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     cmd = [sys.executable, "-m", "benchmarks.run", "--probe-memory", "--scenarios", scenario, "--impls", impl,
-           "--device", device, "--width-scale", str(width_scale)]
+           "--device", device, "--width-scale", str(width_scale), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for line in proc.stdout.splitlines()[::-1]:

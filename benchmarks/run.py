@@ -13,11 +13,13 @@ the NumPy implementation is left out there because it runs on the host CPU):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import shlex
 import sys
+import time
 
 from benchmarks import impls, measure, scenarios
 
@@ -48,9 +50,15 @@ def parse(argv):
                    help="skip runs estimated above this (default 4 on cpu, 70 on cuda)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new row after this many seconds of the run (data generation and references "
+                        "included); later rows are listed as skipped, and the table still prints")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU timings with glibc keeping freed memory for reuse (as jemalloc/tcmalloc or "
                         "MALLOC_MMAP_THRESHOLD_ would): large temporaries are not page-faulted afresh")
+    p.add_argument("--torch-plan", choices=("device", "accelerator"), default="device",
+                   help="accelerator: torch's blocked path planned as on CUDA whatever the device (its "
+                        "memory measured on the CPU); device: as the device plans it")
     p.add_argument("--probe-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.width_scale is None:
@@ -89,7 +97,10 @@ def run_one(impl, scen, args, ref):
         row["peak"] = mem.get("peak")
         row["grad_bytes"] = 4 * sum(c.x.size for c in scen.calls)  # float32 x.grad, held by every impl
     elif not args.no_memory:
-        mem = measure.peak_memory_subprocess(scen.name, impl, args.device, args.width_scale)
+        del runner, out, result  # the fresh process needs the memory (full-width b2-class: ~10 GB each)
+        _free_device_memory(args.device)
+        mem = measure.peak_memory_subprocess(scen.name, impl, args.device, args.width_scale,
+                                             ["--torch-plan", args.torch_plan])
         row["peak"] = mem.get("peak")
         row["tracemalloc_peak"] = mem.get("tracemalloc_peak")
         if "error" in mem:
@@ -132,6 +143,9 @@ def header(args, info, scens):
         f"- versions: python {info['python']}, numpy {v['numpy']}, torch {v['torch']}, jax {v['jax']}, "
         f"driftloss {v['driftloss']}",
         f"- repeats: median of {args.repeats} after one warm-up; b2-class width scale {args.width_scale:g}",
+        "- torch plan: " + ("as on CUDA (--torch-plan accelerator: blocks of CUDA_BLOCK_ELEMENTS, the groups "
+                            "of one shape in one evaluation)" if args.torch_plan == "accelerator"
+                            else "the device's"),
         "- allocator: " + ("glibc keeping freed memory (mallopt: mmap threshold 256 MiB, trim threshold "
                            "1 GiB)" if args.keep_freed_memory else "glibc defaults"),
         "- useful FLOP = sum over problems of 2·N·J·C·(1 + T), J = N + M + P, T = 3 (distance product + "
@@ -159,6 +173,12 @@ def _free_device_memory(device: str) -> None:
 
 def main(argv=None):
     args = parse(argv)
+    started = time.monotonic()
+    with impls.accelerator_plan() if args.torch_plan == "accelerator" else contextlib.nullcontext():
+        _run(args, started)
+
+
+def _run(args, started):
     if args.probe_memory:
         scen = scenarios.build(args.scenarios[0], args.width_scale)
         runner, ctx = impls.make(args.impls[0], scen, args.device)
@@ -169,7 +189,20 @@ def main(argv=None):
         measure.keep_freed_memory()
     info = measure.machine(args.device)
     rows, scens = [], []
+
+    def over_budget(scenario: str, impl: str) -> bool:
+        """True (and a skipped row) once the run has spent its --time-budget."""
+        spent = time.monotonic() - started
+        if args.time_budget is None or spent <= args.time_budget:
+            return False
+        rows.append({"scenario": scenario, "impl": impl,
+                     "skipped": f"time budget of {args.time_budget:g} s spent ({spent:.0f} s)"})
+        return True
+
     for name in args.scenarios:
+        if over_budget(name, args.impls[0]):  # not even the scenario's data and reference
+            rows += [dict(rows[-1], impl=impl) for impl in args.impls[1:]]
+            continue
         scen = scenarios.build(name, args.width_scale)
         scens.append(scen)
         fits = estimated_peak_bytes("reference", scen) <= args.memory_limit_gb * 2**30
@@ -183,6 +216,8 @@ def main(argv=None):
         del ref_runner
         print(json.dumps({"scenario": scen.name, "reference": ref_impl}), file=sys.stderr, flush=True)
         for impl in args.impls:
+            if over_budget(scen.name, impl):
+                continue
             try:
                 row = run_one(impl, scen, args, ref)
             except Exception as e:  # one failing implementation must not cost the others' figures

@@ -22,6 +22,11 @@ def _identity(a: Any) -> Any:
     return a
 
 
+def asarray_constant(xp: Any, values: Any, dtype: Any, device: Any) -> Any:
+    """The Python numbers ``values`` (nested lists) as an array of ``dtype`` (None: default) on ``device``."""
+    return xp.asarray(values, dtype=dtype, device=device)
+
+
 @dataclass(frozen=True)
 class Backend:
     """What the core needs from a framework beyond the Array API.
@@ -40,6 +45,9 @@ class Backend:
     fused_loss            -> fused_loss(calls, opts, reduction): the summed loss of several validated
                              drifting_loss calls, each (x, pos, neg, (x_w, neg_w, pos_w)) with raw
                              weights, as one differentiable array (torch on CUDA); or None to decline
+    constant(xp, values, dtype, device) -> an array of Python numbers (nested lists) on device;
+                             torch caches those on accelerators, where making one is a host-to-device
+                             copy that waits for the queued work and that a CUDA graph cannot capture
     share_groups(a)       -> True where drifting_loss_groups should stack the groups of one shape
                              into one compute_drift (segments) for arrays like a: worth it where
                              each array operation has a fixed cost (GPU launches, XLA), not for
@@ -56,6 +64,7 @@ class Backend:
     compute_drift: Callable[..., Any] | None = None
     fused_loss: Callable[..., Any] | None = None
     share_groups: Callable[[Any], bool] = lambda a: False
+    constant: Callable[[Any, Any, Any, Any], Any] = asarray_constant
 
 
 def _numpy_compute_drift(*args: Any, **kwargs: Any) -> Any:

@@ -44,7 +44,8 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
 def kernel_columns(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
                    *, xp: Any) -> tuple[Any, Any, int]:
     """The kernel's columns, negatives first: y [..., J, D] = [x (if x_as_negatives); neg; pos],
-    their weights w [..., J], and the number of negative columns."""
+    their weights w [..., J], and the number of negative columns. y is a fresh array (a concat),
+    which callers may change in place."""
     x_w, neg_w, pos_w = weights
     cols = [x] if opts.x_as_negatives else []
     col_w = [x_w] if opts.x_as_negatives else []

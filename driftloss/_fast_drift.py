@@ -39,6 +39,7 @@ from typing import Any
 
 import array_api_compat
 
+from driftloss._backends import asarray_constant
 from driftloss._distances import DIRECT_MAX_FEATURES
 from driftloss._drift import RMS_FLOOR_SQ, SELF_PENALTY, DriftOptions, feature_scale, kernel_columns
 
@@ -62,12 +63,23 @@ CPU_SPLIT_ELEMENTS = 1 << 20
 def cpu_block_elements(x: Any, pos: Any, neg: Any, opts: DriftOptions, cache: int = CPU_CACHE_ELEMENTS,
                        block: int = CPU_BLOCK_ELEMENTS, split: int = CPU_SPLIT_ELEMENTS) -> int:
     """The block budget of ``fast_drift`` for eager CPU libraries (see CPU_CACHE_ELEMENTS)."""
-    n_cols = pos.shape[-2] + (0 if neg is None else neg.shape[-2])
-    n_cols += x.shape[-2] if opts.x_as_negatives else 0
-    per_problem = x.shape[-2] * n_cols * len(opts.taus)
+    per_problem = x.shape[-2] * _column_count(x, pos, neg, opts) * len(opts.taus)
     if per_problem <= cache:
         return cache
     return per_problem if per_problem <= block else split
+
+
+def wide_points_block_elements(x: Any, pos: Any, neg: Any, opts: DriftOptions, budget: int) -> int:
+    """A block budget (entries of [problems, T, rows, J]) for which the drift's block [problems, T,
+    rows, D] also has at most ``budget`` entries: ``budget`` scaled by J / D where the points are
+    wider than the columns (feature maps of thousands of channels)."""
+    n_cols, d_feat = _column_count(x, pos, neg, opts), x.shape[-1]
+    return budget if d_feat <= n_cols else max(1, budget * n_cols // d_feat)
+
+
+def _column_count(x: Any, pos: Any, neg: Any, opts: DriftOptions) -> int:
+    """J: the kernel's columns per problem."""
+    return pos.shape[-2] + (0 if neg is None else neg.shape[-2]) + (x.shape[-2] if opts.x_as_negatives else 0)
 
 
 def cpu_compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
@@ -122,7 +134,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                loop: BlockLoop = PYTHON_LOOP,
                segments: Sequence[int] | None = None,
                keep_elements: int = DEFAULT_KEEP_ELEMENTS,
-               augment: bool | None = None) -> tuple[Any, Any, dict[str, Any]]:
+               augment: bool | None = None,
+               constant: Callable[..., Any] = asarray_constant) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` (same arguments and results) by blocks of at most ``block_elements`` entries.
 
     x [..., N, D], pos [..., P, D], neg [..., M, D] or None; weights (x_w [..., N], neg_w [..., M]
@@ -135,6 +148,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     many entries, the first pass keeps them for the drift pass instead of recomputing them there.
     ``augment`` (D > 4): squared distances from one product of augmented points (True), or from a
     product plus the squared norms in elementwise passes (False); None: whichever moves less memory.
+    ``constant(xp, values, dtype, device)`` makes the arrays of Python numbers (``Backend.constant``).
     Returns (V [..., N, D], s, stats) as ``compute_drift``; with segments, s and the stats carry a
     leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T]).
     """
@@ -147,10 +161,14 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                xp.reshape(w, (n_probs, j)))
 
     # Centre by the columns' mean: distances keep float32 accuracy and F is translation invariant.
+    # In place: y is kernel_columns' fresh copy, and x's centred copy is y's first N columns when x
+    # counts as negatives (on the GPU plan these copies are the largest arrays of the call).
     centre = xp.mean(y, axis=-2, keepdims=True)
-    xc, yc = x - centre, y - centre
+    yc = y
+    yc -= centre
+    xc = yc[:, :n, :] if opts.x_as_negatives else x - centre
     ctx = _Context(xc=xc, yc=yc, w=w, n_neg=n_neg, opts=opts, xp=xp, matmul=matmul, device=device(x),
-                   take=loop.take, runs=runs, augment=augment)
+                   take=loop.take, runs=runs, augment=augment, constant=constant)
     n_taus, n_segs = len(opts.taus), len(counts)
     plan = _Plan(n_probs, n, j * n_taus, block_elements)
     if opts.x_as_negatives and not plan.rows_split:  # made once here, not inside a traced loop body
@@ -246,7 +264,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     (sq, neighbours), pieces = plan.sweep(loop, drift, (zeros, zeros), xp, join=False)
 
     # lambda_tau of each segment from its mean of F_tau^2, then V = sum_tau F_tau / lambda_tau.
-    counts_nd = xp.asarray([[float(c * n * d_feat)] for c in counts], dtype=dt, device=dev)  # [G, 1]
+    counts_nd = constant(xp, [[float(c * n * d_feat)] for c in counts], dt, dev)  # [G, 1]
     if opts.cross_replica_sum is None:
         ms = sq / counts_nd
     else:
@@ -256,7 +274,9 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         rms = xp.sqrt(xp.clip(ms, min=RMS_FLOOR_SQ))  # [G, T]
         inv_rms = xp.reshape(ctx.per_problem(1.0 / rms, 2), (-1, 1, n_taus))  # [L or 1, 1, T]
     v_pieces, p0 = [], 0
-    for f in pieces:
+    pieces.reverse()
+    while pieces:  # each piece of F is dropped once its part of V is made: F and V are not both whole
+        f = pieces.pop()
         if opts.normalize:  # the sum over tau as one product [p, 1, T] @ [p, T, N * D]: one pass over F
             inv = inv_rms if inv_rms.shape[0] == 1 else inv_rms[p0:p0 + f.shape[0], ...]
             v_flat = ctx.matmul(inv, xp.reshape(f, (f.shape[0], n_taus, n * d_feat)))[:, 0, :]  # [p, N * D]
@@ -268,7 +288,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
 
     stats: dict[str, Any] = {}
     if opts.with_stats:
-        rows = xp.asarray([[float(c * n)] for c in counts], dtype=dt, device=dev)
+        rows = constant(xp, [[float(c * n)] for c in counts], dt, dev)
         feat = s if opts.normalize else xp.ones((n_segs,), dtype=dt, device=dev)
         stats = {"scale": scale, "feature_scale": feat, "drift_rms": xp.sqrt(ms),
                  "neighbours": neighbours / rows}
@@ -373,7 +393,7 @@ def _runs(total: int, size: int) -> list[tuple[list[int], int]]:
 class _Context:
     """The per-call arrays and the block computations of ``fast_drift``."""
 
-    def __init__(self, *, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs, augment):
+    def __init__(self, *, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs, augment, constant):
         self.xc, self.yc, self.w, self.device, self.take = xc, yc, w, device, take
         self.n_neg, self.opts, self.xp, self.matmul = n_neg, opts, xp, matmul
         n, (j, d_feat) = xc.shape[-2], yc.shape[-2:]
@@ -396,13 +416,13 @@ class _Context:
         # Segments of problems with their own statistics: index [L] and membership [L, G] (0/1).
         self.segmented = runs is not None
         if self.segmented:
-            self.run_index = xp.asarray(runs, device=dev)
+            self.run_index = constant(xp, runs, None, dev)
             member = xp.expand_dims(self.run_index, axis=-1) == xp.arange(max(runs) + 1, device=dev)
             self.membership = xp.astype(member, dt)
         taus = opts.taus
         # Exponent factors [1, T, 1, 1]: 1/(2 tau) for the "both" halves, 1/tau otherwise.
         half = 0.5 if opts.kernel == "both" else 1.0
-        rates = xp.asarray([half / t for t in taus], dtype=dt, device=dev)
+        rates = constant(xp, [half / t for t in taus], dt, dev)
         self.rate = xp.reshape(rates, (1, len(taus), 1, 1))
         self.y4 = xp.expand_dims(yc, axis=1)  # [L, 1, J, D]
         self.is_pos = xp.arange(yc.shape[-2], device=dev) >= n_neg  # [J]: the positive columns

@@ -196,8 +196,8 @@ def _summed_loss(calls, opts, reduction, xp, be):
             if reduction == "sum":
                 terms = [xp.sum(per_problem)]
             else:  # each group's mean over its locations (and, for "mean", over the leading dims)
-                inv_size = xp.asarray([1.0 / size for size in sizes for _ in range(size)],
-                                      dtype=per_problem.dtype, device=be.device(per_problem))
+                inv_size = be.constant(xp, [1.0 / size for size in sizes for _ in range(size)],
+                                       per_problem.dtype, be.device(per_problem))
                 per_lead = xp.sum(per_problem * inv_size, axis=-1)  # [...]
                 terms = [per_lead if reduction == "none" else xp.mean(per_lead)]
         for term in terms:
@@ -234,7 +234,7 @@ def _stacked_drift(calls, opts, xp, be):
         return None
     v, s, stats = out
     if opts.normalize:  # s [G] -> each location's [sum L, 1, 1]
-        index = xp.asarray(run_of_location, device=be.device(x0))
+        index = be.constant(xp, run_of_location, None, be.device(x0))
         s = xp.reshape(xp.take(s, index, axis=0), (-1, 1, 1))
     return regression_loss(xq, v, s, "none", xp, be), sizes, stats
 

@@ -300,6 +300,31 @@ def test_cpu_block_budget(monkeypatch):
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
 
 
+def test_accelerator_budget_holds_the_drift_block_to_it(monkeypatch):
+    """On torch's accelerator plan the budget bounds [problems, T, rows, J] and, for points wider than
+    the J columns, [problems, T, rows, D] too: scaled by J / D."""
+    if B.name != "torch":
+        pytest.skip("torch's accelerator plan")
+    fast = importlib.import_module(FAST)
+    opts = DriftOptions(taus=(0.05,))
+    kw = dict(xp=B.xp, matmul=_matmul(), device=backend_for(B.xp).device)
+    budgets = []
+
+    def spy(*args, block_elements, **kwargs):
+        budgets.append(block_elements)
+        return _fast_drift(*args, block_elements=block_elements, **kwargs)
+
+    monkeypatch.setattr(fast, "fast_drift", spy)
+    monkeypatch.setattr(fast, "block_plan", lambda a: "accelerator")
+    monkeypatch.setattr(fast, "CUDA_BLOCK_ELEMENTS", 1000)
+    for d, expected in ((3, 1000), (16, 1000), (32, 500), (40, 400)):  # J = 7 + 4 + 5 = 16 columns
+        x, pos, neg, w = _problem(7, d=d)
+        v_ref, _, _ = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=kw["matmul"])
+        v, _, _ = fast.compute_drift(x, pos, neg, w, opts, **kw)
+        assert budgets[-1] == expected
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
+
+
 CASES = [
     dict(),
     dict(kernel="y"),
