@@ -30,8 +30,10 @@ CPU_SPLIT_ELEMENTS = 1 << 20  # ... into blocks of 4 MiB (driftloss._fast_drift.
 # 256 MiB on accelerators: few, large kernels. The drift's block [problems, T, rows, D] is held to it
 # too (wide_points_block_elements): b2-class at full width with this plan, measured on the CPU
 # (benchmarks.run --torch-plan accelerator), peaks at 4.55 GiB instead of 5.41 GiB, for 1,101
-# launching operators per step instead of 630 (benchmarks.op_count; ~60-250 MiB each, long enough
-# on a GPU for the host to launch the next).
+# launching operators per step instead of 630 (benchmarks.op_count; most of them pass over 60-250 MiB,
+# long enough on a GPU for the host to launch the next). With the centred columns made per block
+# (fast_drift's column_elements, here its default of 64 MiB): 3.30 GiB and 1,245 operators (the
+# paper-literal baseline: 3.45 GiB).
 CUDA_BLOCK_ELEMENTS = 1 << 26
 # fast_drift's ``augment``: None picks the augmented distance product where copying the points costs
 # less than the elementwise passes it saves (b2-class: the narrow maps on the CPU, none at full width).

@@ -41,11 +41,10 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
     return reference_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device)
 
 
-def kernel_columns(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
-                   *, xp: Any) -> tuple[Any, Any, int]:
-    """The kernel's columns, negatives first: y [..., J, D] = [x (if x_as_negatives); neg; pos],
-    their weights w [..., J], and the number of negative columns. y is a fresh array (a concat),
-    which callers may change in place."""
+def column_parts(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any],
+                 opts: DriftOptions) -> tuple[list[Any], list[Any], int]:
+    """The kernel's columns in parts, negatives first: ([x (if x_as_negatives), neg (if any), pos],
+    their weights [..., N] / [..., M] / [..., P], the number of negative columns)."""
     x_w, neg_w, pos_w = weights
     cols = [x] if opts.x_as_negatives else []
     col_w = [x_w] if opts.x_as_negatives else []
@@ -53,7 +52,15 @@ def kernel_columns(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], op
         cols.append(neg)
         col_w.append(neg_w)
     n_neg = sum(c.shape[-2] for c in cols)
-    return xp.concat([*cols, pos], axis=-2), xp.concat([*col_w, pos_w], axis=-1), n_neg
+    return [*cols, pos], [*col_w, pos_w], n_neg
+
+
+def kernel_columns(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
+                   *, xp: Any) -> tuple[Any, Any, int]:
+    """The kernel's columns, negatives first: y [..., J, D] = [x (if x_as_negatives); neg; pos],
+    their weights w [..., J], and the number of negative columns."""
+    cols, col_w, n_neg = column_parts(x, pos, neg, weights, opts)
+    return xp.concat(cols, axis=-2), xp.concat(col_w, axis=-1), n_neg
 
 
 def reference_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,

@@ -22,7 +22,12 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   in each pass). Blocks have equal sizes but for a remainder block, and each pass runs through a
   ``BlockLoop``: a Python loop of slices by default, one ``lax.scan`` per block size under JAX
   (adapters/jax_fast.py), where an unrolled loop lets XLA schedule all blocks' temporaries together;
-- lambda_tau's sums of squares are taken per block, and only V, not F, is joined across blocks.
+- the points are centred by the columns' mean, once for the whole call where the centred columns
+  [L, J, D] fit ``column_elements`` (in place in their concat; x's rows are a view of them), else
+  for each block from the caller's x, neg and pos, so that no [L, J, D] copy exists (wide feature
+  maps of many locations on a GPU);
+- lambda_tau's sums of squares are taken per block, and only V, not F, is joined across blocks
+  (each block's F is dropped once its part of V is made).
 
 Only the leading ``...`` dims are flattened to one problem axis L; nothing loops per problem.
 The problems may come in segments, each with its own S, s and lambda as if it were a call of its
@@ -41,7 +46,7 @@ import array_api_compat
 
 from driftloss._backends import asarray_constant
 from driftloss._distances import DIRECT_MAX_FEATURES
-from driftloss._drift import RMS_FLOOR_SQ, SELF_PENALTY, DriftOptions, feature_scale, kernel_columns
+from driftloss._drift import RMS_FLOOR_SQ, SELF_PENALTY, DriftOptions, column_parts, feature_scale
 
 # Entries of the largest [L_block, T, rows, J] temporary; about 64 MiB per float32 array.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -134,6 +139,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                loop: BlockLoop = PYTHON_LOOP,
                segments: Sequence[int] | None = None,
                keep_elements: int = DEFAULT_KEEP_ELEMENTS,
+               column_elements: int = DEFAULT_KEEP_ELEMENTS,
                augment: bool | None = None,
                constant: Callable[..., Any] = asarray_constant) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` (same arguments and results) by blocks of at most ``block_elements`` entries.
@@ -146,6 +152,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     (the feature groups of ``drifting_loss_groups``, evaluated in one pass); None: one segment.
     ``keep_elements``: when whole problems fit a block and all L * N * J distances have at most this
     many entries, the first pass keeps them for the drift pass instead of recomputing them there.
+    ``column_elements``: the centred columns [L, J, D] are made once up to this many entries (or
+    when a problem's rows are split), else for each block of whole problems, in each pass.
     ``augment`` (D > 4): squared distances from one product of augmented points (True), or from a
     product plus the squared norms in elementwise passes (False); None: whichever moves less memory.
     ``constant(xp, values, dtype, device)`` makes the arrays of Python numbers (``Backend.constant``).
@@ -155,22 +163,30 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     lead, n, d_feat = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
     n_probs = math.prod(lead)
     runs, counts = _segment_counts(segments, n_probs)
-    y, w, n_neg = kernel_columns(x, pos, neg, weights, opts, xp=xp)
-    j = y.shape[-2]
-    x, y, w = (xp.reshape(x, (n_probs, n, d_feat)), xp.reshape(y, (n_probs, j, d_feat)),
-               xp.reshape(w, (n_probs, j)))
-
-    # Centre by the columns' mean: distances keep float32 accuracy and F is translation invariant.
-    # In place: y is kernel_columns' fresh copy, and x's centred copy is y's first N columns when x
-    # counts as negatives (on the GPU plan these copies are the largest arrays of the call).
-    centre = xp.mean(y, axis=-2, keepdims=True)
-    yc = y
-    yc -= centre
-    xc = yc[:, :n, :] if opts.x_as_negatives else x - centre
-    ctx = _Context(xc=xc, yc=yc, w=w, n_neg=n_neg, opts=opts, xp=xp, matmul=matmul, device=device(x),
-                   take=loop.take, runs=runs, augment=augment, constant=constant)
+    cols, col_w, n_neg = column_parts(x, pos, neg, weights, opts)
+    j = sum(c.shape[-2] for c in cols)
+    x, w = xp.reshape(x, (n_probs, n, d_feat)), xp.reshape(xp.concat(col_w, axis=-1), (n_probs, j))
+    cols = [xp.reshape(c, (n_probs, c.shape[-2], d_feat)) for c in cols]
     n_taus, n_segs = len(opts.taus), len(counts)
     plan = _Plan(n_probs, n, j * n_taus, block_elements)
+
+    # Centre by the columns' mean: distances keep float32 accuracy and F is translation invariant.
+    # The centred columns [L, J, D] are made once where they fit column_elements (or a problem's rows
+    # are split: few, large problems), else block by block: on the GPU plan they would be the largest
+    # arrays of the call (b2-class: 1.8 GiB for one shape's groups).
+    if plan.rows_split or n_probs * j * d_feat <= column_elements:
+        yc = xp.concat(cols, axis=-2)
+        centre = xp.mean(yc, axis=-2, keepdims=True)
+        yc -= centre  # in place in a fresh concat; x's centred rows are a view of it where x is a column
+        xc = yc[:, :n, :] if opts.x_as_negatives else x - centre
+    else:
+        centre = xp.sum(cols[0], axis=-2, keepdims=True)
+        for c in cols[1:]:
+            centre = centre + xp.sum(c, axis=-2, keepdims=True)
+        centre, xc, yc = centre / j, None, None
+    ctx = _Context(x=x, cols=cols, centre=centre, xc=xc, yc=yc, w=w, n_neg=n_neg, opts=opts, xp=xp,
+                   matmul=matmul, device=device(x), take=loop.take, runs=runs, augment=augment,
+                   constant=constant)
     if opts.x_as_negatives and not plan.rows_split:  # made once here, not inside a traced loop body
         ctx.whole_rows_mask = ctx.self_pairs(n, 0)
     dt, dev = x.dtype, device(x)
@@ -248,11 +264,12 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     # segment [G, T] (taken while the block is in cache) and the neighbour sums [G, T].
     def drift(carry, b):
         sq, neighbours = carry
+        pts = ctx.block_points(b)
         if kept is None:
-            dist = ctx.distances(b, zero_self=False)
+            dist = ctx.distances(b, zero_self=False, pts=pts)
         else:  # a Python loop's blocks have concrete starts: piece p0 // problems is block b's
             dist = kept[b.p0 // plan.problems] if isinstance(kept, list) else ctx.problems(kept, b)
-        f, nb = ctx.block_drift(ctx.penalized(dist, b), b, col_stats)
+        f, nb = ctx.block_drift(ctx.penalized(dist, b), b, col_stats, pts)
         # not vector_norm: torch's loses ~1e-5 relative on a large block in float32 (CPU, 2.13)
         sq = sq + ctx.run_sums(xp.sum(f * f, axis=(2, 3)), b)  # [G, T]
         return (sq, neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours), f
@@ -393,26 +410,33 @@ def _runs(total: int, size: int) -> list[tuple[list[int], int]]:
 class _Context:
     """The per-call arrays and the block computations of ``fast_drift``."""
 
-    def __init__(self, *, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs, augment, constant):
-        self.xc, self.yc, self.w, self.device, self.take = xc, yc, w, device, take
+    def __init__(self, *, x, cols, centre, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs, augment,
+                 constant):
+        """x [L, N, D] and the column parts ``cols`` [L, *, D] as given, their centre [L, 1, D]; xc, yc:
+        the centred rows and columns [L, N, D], [L, J, D] where the call keeps them whole, else None
+        (made block by block, for blocks of whole problems only)."""
+        self.x, self.cols, self.centre, self.xc, self.yc = x, cols, centre, xc, yc
+        self.w, self.device, self.take = w, device, take
         self.n_neg, self.opts, self.xp, self.matmul = n_neg, opts, xp, matmul
-        n, (j, d_feat) = xc.shape[-2], yc.shape[-2:]
+        n, d_feat, j = x.shape[-2], x.shape[-1], sum(c.shape[-2] for c in cols)
+        self.n, self.j, self.d_feat = n, j, d_feat
         self.augmented = False  # squared distances from one product of augmented points
+        self.x_sq = self.y_sq = self.x_gram = self.y_gram = None  # of whole xc, yc (else per block)
         if d_feat > DIRECT_MAX_FEATURES:
-            x2, y2 = xp.sum(xc * xc, axis=-1, keepdims=True), xp.sum(yc * yc, axis=-1, keepdims=True)
             # [-2x, |x|^2, 1] . [y, 1, |y|^2] = |x|^2 + |y|^2 - 2 x.y (scaling by -2 is exact) saves three
             # elementwise passes over each [rows, J] block, but copies the points: by default only while
             # the copies, (N + J) (D + 2) entries per problem, are smaller than those passes, 3 N J.
             self.augmented = (n + j) * (d_feat + 2) < 3 * n * j if augment is None else augment
-            if self.augmented:
-                self.x_gram = xp.concat([-2 * xc, x2, xp.ones_like(x2)], axis=-1)  # [L, N, D + 2]
-                self.y_gram = xp.concat([yc, xp.ones_like(y2), y2], axis=-1)  # [L, J, D + 2]
-            else:
-                self.x_sq, self.y_sq = x2, xp.matrix_transpose(y2)  # [L, N, 1], [L, 1, J]
+            if yc is not None:
+                x2, y2 = self.squared_norms(xc, yc)
+                if self.augmented:
+                    self.x_gram, self.y_gram = self.grams(xc, yc, x2, y2)
+                else:
+                    self.x_sq, self.y_sq = x2, xp.matrix_transpose(y2)  # [L, N, 1], [L, 1, J]
         self.whole_rows_mask = None  # the self-pair mask [N, J] of blocks of whole problems
         self.penalty = None  # a sample's distance to itself [L or 1, 1, 1], set once S is known
         self.inv_feature_scale = 1.0  # 1/s: a number or [L or 1, 1, 1, 1], set once S is known
-        dt, dev = xc.dtype, device
+        dt, dev = x.dtype, device
         # Segments of problems with their own statistics: index [L] and membership [L, G] (0/1).
         self.segmented = runs is not None
         if self.segmented:
@@ -424,8 +448,30 @@ class _Context:
         half = 0.5 if opts.kernel == "both" else 1.0
         rates = constant(xp, [half / t for t in taus], dt, dev)
         self.rate = xp.reshape(rates, (1, len(taus), 1, 1))
-        self.y4 = xp.expand_dims(yc, axis=1)  # [L, 1, J, D]
-        self.is_pos = xp.arange(yc.shape[-2], device=dev) >= n_neg  # [J]: the positive columns
+        self.is_pos = xp.arange(j, device=dev) >= n_neg  # [J]: the positive columns
+
+    def squared_norms(self, xc: Any, yc: Any) -> tuple[Any, Any]:
+        """(|x|^2 [..., N, 1], |y|^2 [..., J, 1]) of centred points."""
+        xp = self.xp
+        return xp.sum(xc * xc, axis=-1, keepdims=True), xp.sum(yc * yc, axis=-1, keepdims=True)
+
+    def grams(self, xc: Any, yc: Any, x2: Any, y2: Any) -> tuple[Any, Any]:
+        """The augmented points [-2x, |x|^2, 1] [..., N, D + 2] and [y, 1, |y|^2] [..., J, D + 2]."""
+        xp = self.xp
+        return (xp.concat([-2 * xc, x2, xp.ones_like(x2)], axis=-1),
+                xp.concat([yc, xp.ones_like(y2), y2], axis=-1))
+
+    def block_points(self, b: _Block) -> tuple[Any, Any]:
+        """(x's rows [p, rows, D], the columns [p, J, D]) of block b, centred: views of the whole
+        centred points, or made for the block (whole problems) from the parts."""
+        if self.yc is not None:
+            return self.rows(self.xc, b), self.problems(self.yc, b)
+        xp = self.xp
+        centre = self.problems(self.centre, b)
+        yb = xp.concat([self.problems(c, b) for c in self.cols], axis=-2)
+        yb -= centre  # in place in the fresh concat
+        xb = yb[:, :self.n, :] if self.opts.x_as_negatives else self.problems(self.x, b) - centre
+        return xb, yb
 
     def problems(self, a: Any, b: _Block) -> Any:
         """a[block's problems] for a [L, ...]."""
@@ -473,22 +519,29 @@ class _Context:
         """[rows, J] True where row r0 + i meets its own column."""
         xp, dev = self.xp, self.device
         row = xp.expand_dims(xp.arange(rows, device=dev) + r0, axis=-1)
-        return row == xp.expand_dims(xp.arange(self.yc.shape[-2], device=dev), axis=-2)
+        return row == xp.expand_dims(xp.arange(self.j, device=dev), axis=-2)
 
-    def distances(self, b: _Block, zero_self: bool = True) -> Any:
+    def distances(self, b: _Block, zero_self: bool = True, pts: tuple[Any, Any] | None = None) -> Any:
         """d [p, rows, J] in the input units; exactly 0 on the self pairs (unset with zero_self=False,
-        for ``penalized``, which overwrites them)."""
+        for ``penalized``, which overwrites them). ``pts``: the block's ``block_points`` if made."""
         xp = self.xp
-        if self.xc.shape[-1] <= DIRECT_MAX_FEATURES:  # as the reference: exact differences for few features
-            xb, yb = self.rows(self.xc, b), self.problems(self.yc, b)
+        xb, yb = self.block_points(b) if pts is None else pts
+        if self.d_feat <= DIRECT_MAX_FEATURES:  # as the reference: exact differences for few features
             diff = xp.expand_dims(xb, axis=-2) - xp.expand_dims(yb, axis=-3)
             d = xp.sqrt(xp.sum(diff * diff, axis=-1))
         elif self.augmented:
-            xb, yb = self.rows(self.x_gram, b), self.problems(self.y_gram, b)
-            d = xp.sqrt(xp.clip(self.matmul(xb, xp.matrix_transpose(yb)), min=0))
+            if self.x_gram is not None:
+                xg, yg = self.rows(self.x_gram, b), self.problems(self.y_gram, b)
+            else:
+                xg, yg = self.grams(xb, yb, *self.squared_norms(xb, yb))
+            d = xp.sqrt(xp.clip(self.matmul(xg, xp.matrix_transpose(yg)), min=0))
         else:
-            xy = self.matmul(self.rows(self.xc, b), xp.matrix_transpose(self.problems(self.yc, b)))
-            d2 = self.rows(self.x_sq, b) + (self.problems(self.y_sq, b) - 2 * xy)
+            if self.x_sq is not None:
+                x2, y2 = self.rows(self.x_sq, b), self.problems(self.y_sq, b)
+            else:
+                x2, y2 = self.squared_norms(xb, yb)
+                y2 = xp.matrix_transpose(y2)
+            d2 = x2 + (y2 - 2 * self.matmul(xb, xp.matrix_transpose(yb)))
             d = xp.sqrt(xp.clip(d2, min=0))
         mask = self.self_mask(b) if zero_self else None
         return d if mask is None else xp.where(mask, 0.0, d)
@@ -504,8 +557,7 @@ class _Context:
         xp = self.xp
         if not self.opts.x_as_negatives:
             return col_min
-        n, j = self.xc.shape[-2], self.yc.shape[-2]
-        is_x = xp.arange(j, device=self.device) < n
+        is_x = xp.arange(self.j, device=self.device) < self.n
         return xp.where(is_x, xp.minimum(col_min, self.penalty[..., 0] + 0.0 * col_min), col_min)
 
     def column_factor_terms(self, dist: Any, col_min: Any, b: _Block) -> Any:
@@ -514,9 +566,9 @@ class _Context:
         terms = xp.expand_dims(xp.expand_dims(col_min, axis=-2) - dist, axis=1)  # [p, 1, rows, J]
         return xp.exp(terms * self.of_block(self.rate, b))
 
-    def block_drift(self, dist: Any, b: _Block, col_stats: Any) -> tuple[Any, Any]:
+    def block_drift(self, dist: Any, b: _Block, col_stats: Any, pts: tuple[Any, Any]) -> tuple[Any, Any]:
         """F / s [p, T, rows, D] (centred coordinates, feature units) and the neighbour sums [p, T],
-        from the penalized distances [p, rows, J]."""
+        from the penalized distances [p, rows, J] and the block's points (``block_points``)."""
         xp, opts = self.xp, self.opts
         e = xp.expand_dims(dist, axis=1)  # [p, 1, rows, J]
         rate = self.of_block(self.rate, b)  # [p or 1, T, 1, 1]
@@ -549,7 +601,8 @@ class _Context:
         else:
             neighbours = None
         col_w = w if col_f is None else col_f * w  # [p, T or 1, 1, J]
-        nn, (pb, t, rows, j), d_feat = self.n_neg, k.shape, self.yc.shape[-1]
+        nn, (pb, t, rows, j), d_feat = self.n_neg, k.shape, self.d_feat
+        xb, y3 = pts  # [p, rows, D], [p, J, D]
         # Row coefficients [p, T, rows, 1]: F = c+ (K+ y+) - c- (K- y-), with c+ = a s- / (s r^2),
         # c- = r s+ / (s r^2) for the row normalization r^2 (it scales both K and the other side's sum).
         common = self.of_block(self.inv_feature_scale, b)
@@ -566,7 +619,6 @@ class _Context:
             s_neg = xp.sum(kw[..., :nn], axis=-1, keepdims=True)  # [p, T, rows, 1]
             s_pos = xp.sum(kw[..., nn:], axis=-1, keepdims=True)
             c_pos, c_neg = coefficients(s_neg, s_pos)
-            y3 = self.problems(self.yc, b)  # [p, J, D]
             if j <= d_feat:  # the coefficients on the kernel side: one product gives F itself
                 signed = kw * xp.where(self.is_pos, c_pos, -c_neg)
                 f = xp.reshape(self.matmul(xp.reshape(signed, (pb, t * rows, j)), y3), (pb, t, rows, d_feat))
@@ -577,14 +629,14 @@ class _Context:
                 f = c_pos * z_pos - c_neg * z_neg
         else:
             cw = xp.matrix_transpose(col_w)  # [p, T or 1, J, 1]
-            yw = self.problems(self.y4, b) * cw  # [p, T or 1, J, D]
+            yw = xp.expand_dims(y3, axis=1) * cw  # [p, T or 1, J, D]
             k_neg, k_pos = k[..., :nn], k[..., nn:]
             z_neg, z_pos = self.matmul(k_neg, yw[..., :nn, :]), self.matmul(k_pos, yw[..., nn:, :])
             s_neg, s_pos = self.matmul(k_neg, cw[..., :nn, :]), self.matmul(k_pos, cw[..., nn:, :])
             c_pos, c_neg = coefficients(s_neg, s_pos)
             f = c_pos * z_pos - c_neg * z_neg
         if a_ != r_:
-            f = f - ((a_ - r_) * common * s_neg * s_pos) * xp.expand_dims(self.rows(self.xc, b), axis=1)
+            f = f - ((a_ - r_) * common * s_neg * s_pos) * xp.expand_dims(xb, axis=1)
         return f, neighbours
 
 

@@ -88,8 +88,10 @@ def test_fast_drift_equals_reference_float64(case):
     x, pos, neg, w = _problem(0, with_neg=case["with_neg"])
     opts = _options(case, stats=True)
     v_ref, s_ref, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
-    for block in BLOCKS:
-        v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block)
+    # column_elements=0: the centred columns made block by block, not once (with whole problems).
+    for block, columns in [(b, 1 << 24) for b in BLOCKS] + [(BLOCKS[1], 0)]:
+        v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
+                              column_elements=columns)
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, block
         assert float(s) == pytest.approx(float(s_ref), rel=1e-12)
         for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
@@ -106,18 +108,38 @@ LAYOUT_WIDTHS = (5, 10, 32)
                          ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_product_layouts_equal_reference_float64(case, d):
     """Each layout of the drift product, for every block plan, with the first pass's distances kept
-    for the drift pass or recomputed there (keep_elements=0), and the distances from the augmented
-    product or from x . y plus the norms."""
+    for the drift pass or recomputed there (keep_elements=0), the centred columns made once or per
+    block (column_elements=0), and the distances from the augmented product or from x . y plus the
+    norms."""
     x, pos, neg, w = _problem(10, n=7, p=5, m=4, d=d)
     opts = _options(case, stats=True)
     v_ref, s_ref, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
     for block, keep, augment in itertools.product(BLOCKS, (1 << 24, 0), (True, False)):
         v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
-                              keep_elements=keep, augment=augment)
+                              keep_elements=keep, column_elements=keep, augment=augment)
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, (block, keep, augment)
         assert float(s) == pytest.approx(float(s_ref), rel=1e-12)
         for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
             assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, (key, block, keep, augment)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_float32_points_far_from_the_origin_are_centred(augment):
+    """Points 1000 away from the origin with unit spread: squared norms of 1.6e7 leave float32 about
+    one unit of the squared distances (~30) unless the points are centred first, as they are with the
+    columns made once and made per block (column_elements=0)."""
+    rng = np.random.default_rng(11)
+    x64, pos64, neg64 = (rng.normal(size=(3, k, 16)) + 1000.0 for k in (8, 12, 4))
+    w64 = (np.ones((3, 8)), np.ones((3, 4)), np.ones((3, 12)))
+    opts = DriftOptions(taus=(0.05, 0.2))
+    as64 = (B.asarray(x64), B.asarray(pos64), B.asarray(neg64), tuple(B.asarray(a) for a in w64))
+    v_ref, _, _ = reference_drift(*as64, opts, xp=B.xp, matmul=_matmul())
+    as32 = [B.asarray(a, np.float32) for a in (x64, pos64, neg64)]
+    w32 = tuple(B.asarray(a, np.float32) for a in w64)
+    for columns in (1 << 24, 0):
+        v, _, _ = fast_drift(*as32, w32, opts, xp=B.xp, matmul=_matmul(), block_elements=400,
+                             column_elements=columns, augment=augment)
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-4, columns
 
 
 @pytest.mark.parametrize("kernel", ["both", "y", "none"])
