@@ -17,7 +17,12 @@ import torch
 from driftloss.adapters import torch_tf32
 
 from driftloss._drift import DriftOptions
-from driftloss._fast_drift import cpu_block_elements, fast_drift, wide_points_block_elements
+from driftloss._fast_drift import (
+    DEFAULT_KEEP_ELEMENTS,
+    cpu_block_elements,
+    fast_drift,
+    wide_points_block_elements,
+)
 
 # Entries of the largest [problems, taus, rows, columns] temporary per block (float32: 4 bytes each).
 # 4 MiB: whole problems grouped up to this, passes in the last-level cache. Larger than NumPy's 1 MiB
@@ -35,6 +40,10 @@ CPU_SPLIT_ELEMENTS = 1 << 20  # ... into blocks of 4 MiB (driftloss._fast_drift.
 # (fast_drift's column_elements, here its default of 64 MiB): 3.30 GiB and 1,245 operators (the
 # paper-literal baseline: 3.45 GiB).
 CUDA_BLOCK_ELEMENTS = 1 << 26
+# fast_drift's ``column_elements``: the centred columns [L, J, D] of a call made once up to 64 MiB, per
+# block above (on a GPU that costs an extra copy of the inputs per pass, which benchmarks/gpu.sh weighs
+# against the memory as "torch-whole-columns").
+COLUMN_ELEMENTS = DEFAULT_KEEP_ELEMENTS
 # fast_drift's ``augment``: None picks the augmented distance product where copying the points costs
 # less than the elementwise passes it saves (b2-class: the narrow maps on the CPU, none at full width).
 AUGMENT: bool | None = None
@@ -82,4 +91,5 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
         if x.device.type == "cuda" and not torch.compiler.is_compiling():
             matmul = torch_tf32.products(CUDA_PRODUCTS, matmul)
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
-                      segments=segments, augment=AUGMENT, constant=device_constant)
+                      segments=segments, column_elements=COLUMN_ELEMENTS, augment=AUGMENT,
+                      constant=device_constant)

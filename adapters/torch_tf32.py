@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 PRODUCTS = ("ieee", "tf32x3", "tf32")
 # float32 has 23 explicit mantissa bits, TF32 10: clearing the low 13 leaves a TF32-exact number.
 _TF32_HIGH_BITS = -(1 << 13)  # as int32, the mask ...1110_0000_0000_0000
-
-
 # Products over a short inner dimension (fast_drift's sum over temperatures) are bound by memory, not
 # by arithmetic: they stay single float32 products.
 MIN_TF32_INNER = 16
@@ -48,9 +48,6 @@ def tf32_allowed() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(saved)
-
-
-Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def tf32x3_matmul(a: torch.Tensor, b: torch.Tensor, product: Product = torch.matmul) -> torch.Tensor:

@@ -31,10 +31,11 @@ start=$SECONDS
 #   jax-groups     drifting_loss_groups on JAX (jax: the sum of one call per group)
 #   torch-graphed  torch's step replayed from a CUDA graph: what launch overhead costs the default
 #   torch-tf32x3   the default with float32-faithful TF32 products (adapters/torch_tf32.py, opt-in)
+#   torch-whole-columns  the centred columns made once: less copying, 1.25 GiB more (RESULTS.md, 16:49)
 #   torch-fused    the opt-in Triton kernels; torch-augmented / torch-tf32: the distance rule, lossy TF32
 timeout 200 "$PY" -m benchmarks.run --device cuda --scenarios b2-class --repeats 5 --no-append --time-budget 140 \
-    --impls paper-literal torch jax-groups torch-graphed torch-tf32x3 jax torch-fused torch-augmented torch-tf32 \
-    > "$OUT/b2.md" 2> "$OUT/b2.log"
+    --impls paper-literal torch jax-groups torch-graphed torch-tf32x3 torch-whole-columns jax torch-fused \
+    torch-augmented torch-tf32 > "$OUT/b2.md" 2> "$OUT/b2.log"
 
 left=$((285 - (SECONDS - start)))
 timeout "$left" "$PY" -m benchmarks.run --device cuda --scenarios cifar-like toy-large --repeats 5 --no-append \

@@ -20,6 +20,8 @@ torch-augmented torch with the squared distances always from the augmented produ
                takes it only where copying the points costs less than the passes it saves)
 torch-tf32x3, torch-tf32  torch with the blocked path's products on CUDA from three TF32 products
                (float32-faithful) or one (fast, lossy): driftloss.adapters.torch_tf32, opt-in
+torch-whole-columns  torch with the centred columns [L, J, D] of every call made once (the default
+               makes them per block above 64 MiB: less memory, one more copy of the inputs per pass)
 torch-graphed  torch's step (loss and backward) captured once in a CUDA graph and replayed: the step
                without Python and launch overhead, as torch.compile(mode="reduce-overhead") or a
                graphed training step would run it; its peak memory is the graph's pool, measured
@@ -48,10 +50,11 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32", "torch-graphed",
-               "torch-core")  # and torch-fused[:k=v,...]
+TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32",
+               "torch-whole-columns", "torch-graphed", "torch-core")  # and torch-fused[:k=v,...]
 IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-fused", "torch-pergroup", "torch-augmented",
-         "torch-tf32x3", "torch-tf32", "torch-graphed", "torch-core", "jax", "jax-groups", "jax-core")
+         "torch-tf32x3", "torch-tf32", "torch-whole-columns", "torch-graphed", "torch-core", "jax",
+         "jax-groups", "jax-core")
 
 
 @dataclasses.dataclass
@@ -134,6 +137,10 @@ def context(impl: str) -> contextlib.AbstractContextManager:
         from driftloss.adapters import torch_fast
 
         return mock.patch.object(torch_fast, "AUGMENT", True)
+    if impl == "torch-whole-columns":
+        from driftloss.adapters import torch_fast
+
+        return mock.patch.object(torch_fast, "COLUMN_ELEMENTS", 1 << 62)
     if impl in ("torch-tf32x3", "torch-tf32"):
         from driftloss.adapters import torch_fast
 
