@@ -164,7 +164,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     n_probs = math.prod(lead)
     runs, counts = _segment_counts(segments, n_probs)
     cols, col_w, n_neg = column_parts(x, pos, neg, weights, opts)
-    j = sum(c.shape[-2] for c in cols)
+    j = _column_count(x, pos, neg, opts)
     x, w = xp.reshape(x, (n_probs, n, d_feat)), xp.reshape(xp.concat(col_w, axis=-1), (n_probs, j))
     cols = [xp.reshape(c, (n_probs, c.shape[-2], d_feat)) for c in cols]
     n_taus, n_segs = len(opts.taus), len(counts)

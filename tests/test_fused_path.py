@@ -23,7 +23,7 @@ import torch  # noqa: E402
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is installed in the torch tox env (its interpreter runs on CPU)")
 
 import driftloss.adapters.torch as torch_adapter  # noqa: E402
 from driftloss.adapters import torch_fused  # noqa: E402
