@@ -31,6 +31,9 @@ KEEP_ELEMENTS = 0
 # The centred columns [L, J, D] made once, whatever their size (fast_drift's ``column_elements``):
 # XLA plans the buffers of the whole jitted step (per-block columns are measured only for torch).
 COLUMN_ELEMENTS = 1 << 62
+# F kept until lambda is known, whatever its size (fast_drift's ``drift_elements``): keeping the kernel's
+# coefficients instead, one more product, is measured only for torch so far.
+DRIFT_ELEMENTS = 1 << 62
 # Squared distances on the CPU always from the augmented product (fast_drift's ``augment``): there XLA
 # transposes the points for the plain product x . y^T (cifar-like, 2 cores: 7.3-7.7 ms per step vs
 # 6.2-6.4 ms). Elsewhere the default rule, which the wide feature maps of b2-class meet with the plain
@@ -81,4 +84,5 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device,
                       block_elements=CPU_BLOCK_ELEMENTS if on_cpu else ACCELERATOR_BLOCK_ELEMENTS,
                       loop=SCAN_LOOP, segments=segments, keep_elements=KEEP_ELEMENTS,
-                      column_elements=COLUMN_ELEMENTS, augment=CPU_AUGMENT if on_cpu else None)
+                      column_elements=COLUMN_ELEMENTS, augment=CPU_AUGMENT if on_cpu else None,
+                      drift_elements=DRIFT_ELEMENTS)

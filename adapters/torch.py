@@ -80,6 +80,7 @@ BACKEND = Backend(
     fused_loss=torch_fused.backend_fused_loss,
     # On the CPU the stacking copies cost more than the saved operators (benchmarks/RESULTS.md).
     share_groups=lambda a: a.device.type != "cpu",
+    stack_elements=torch_fast.STACK_ELEMENTS,
     constant=torch_fast.device_constant,
 )
 

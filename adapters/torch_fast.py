@@ -14,7 +14,7 @@ import functools
 from typing import Any
 
 import torch
-from driftloss.adapters import torch_tf32
+from driftloss.adapters import torch_cpu_products, torch_tf32
 
 from driftloss._drift import DriftOptions
 from driftloss._fast_drift import (
@@ -44,6 +44,17 @@ CUDA_BLOCK_ELEMENTS = 1 << 26
 # block above (on a GPU that costs an extra copy of the inputs per pass, which benchmarks/gpu.sh weighs
 # against the memory as "torch-whole-columns").
 COLUMN_ELEMENTS = DEFAULT_KEEP_ELEMENTS
+# fast_drift's ``drift_elements``: F [L, T, N, D] of a call kept until lambda is known up to 512 MiB, as
+# STACK_ELEMENTS bounds the stacked points; above, where J < D, the kernel's coefficients [L, T, N, J]
+# instead, and V from one more product (a third of the drift's). b2-class at full width on the GPU plan
+# (benchmarks.run --torch-plan accelerator): its largest evaluation keeps F (0.5 GB); the step peaks at
+# 1.01 GiB either way (RESULTS.md, 22:54). "torch-kept-coefficients" (benchmarks/gpu.sh) times the two.
+DRIFT_ELEMENTS = 1 << 27
+# Backend.stack_elements: drifting_loss_groups stacks the groups of one shape (on accelerators) in runs of
+# at most 512 MiB of points, a larger group evaluated on its own. The copies of an unbounded stack were
+# the largest arrays of a b2-class step (1.9 GB for the two 32x32x640 maps): on the GPU plan it peaks at
+# 1.01 GiB so bounded, 2.25 GiB unbounded ("torch-stack-all", which benchmarks/gpu.sh times against it).
+STACK_ELEMENTS = 1 << 27
 # fast_drift's ``augment``: None picks the augmented distance product where copying the points costs
 # less than the elementwise passes it saves (b2-class: the narrow maps on the CPU, none at full width).
 AUGMENT: bool | None = None
@@ -51,6 +62,9 @@ AUGMENT: bool | None = None
 # products, float32-faithful) or "tf32" (one, ~1e-3 error); eager calls only (a compiled graph keeps
 # the precision in force when it was compiled).
 CUDA_PRODUCTS = "ieee"
+# The large products on the CPU (adapters/torch_cpu_products.py): "onednn" (oneDNN, where it pays; MKL's
+# float32 kernels run at half speed on AMD processors) or "torch" (torch.matmul throughout).
+CPU_PRODUCTS = "onednn"
 
 
 @functools.lru_cache(maxsize=256)
@@ -86,10 +100,11 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
     if block_plan(x) == "cpu":
         budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS,
                                     CPU_SPLIT_ELEMENTS)
+        matmul = torch_cpu_products.products(CPU_PRODUCTS, matmul)
     else:
         budget = wide_points_block_elements(x, pos, neg, opts, CUDA_BLOCK_ELEMENTS)
         if x.device.type == "cuda" and not torch.compiler.is_compiling():
             matmul = torch_tf32.products(CUDA_PRODUCTS, matmul)
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
                       segments=segments, column_elements=COLUMN_ELEMENTS, augment=AUGMENT,
-                      constant=device_constant)
+                      constant=device_constant, drift_elements=DRIFT_ELEMENTS)

@@ -32,9 +32,13 @@ start=$SECONDS
 #   torch-graphed  torch's step replayed from a CUDA graph: what launch overhead costs the default
 #   torch-tf32x3   the default with float32-faithful TF32 products (adapters/torch_tf32.py, opt-in)
 #   torch-whole-columns  the centred columns made once: less copying, 1.25 GiB more (RESULTS.md, 16:49)
+#   torch-stack-all  the groups of a map in one evaluation whatever their size: fewer launches, 2.25 GiB
+#                  instead of 1.01 GiB on the CPU-measured plan (RESULTS.md, 22:39)
+#   torch-kept-coefficients  F's coefficients kept instead of F: one more product, less memory
 #   torch-fused    the opt-in Triton kernels; torch-augmented / torch-tf32: the distance rule, lossy TF32
 timeout 200 "$PY" -m benchmarks.run --device cuda --scenarios b2-class --repeats 5 --no-append --time-budget 140 \
-    --impls paper-literal torch jax-groups torch-graphed torch-tf32x3 torch-whole-columns jax torch-fused \
+    --impls paper-literal torch jax-groups torch-graphed torch-tf32x3 torch-stack-all torch-whole-columns \
+    torch-kept-coefficients jax torch-fused \
     torch-augmented torch-tf32 > "$OUT/b2.md" 2> "$OUT/b2.log"
 
 left=$((285 - (SECONDS - start)))

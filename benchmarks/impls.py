@@ -20,6 +20,12 @@ torch-augmented torch with the squared distances always from the augmented produ
                takes it only where copying the points costs less than the passes it saves)
 torch-tf32x3, torch-tf32  torch with the blocked path's products on CUDA from three TF32 products
                (float32-faithful) or one (fast, lossy): driftloss.adapters.torch_tf32, opt-in
+torch-mkl      torch with its CPU products left to torch.matmul (MKL), where the default sends the large
+               ones to oneDNN (driftloss.adapters.torch_cpu_products)
+torch-kept-coefficients  torch with the kernel's coefficients kept in place of F wherever they are
+               smaller (V from one more product; the default does so above torch_fast.DRIFT_ELEMENTS)
+torch-stack-all  torch with the groups of one shape stacked into one evaluation whatever their size
+               (the default stacks them in runs of at most torch_fast.STACK_ELEMENTS points)
 torch-whole-columns  torch with the centred columns [L, J, D] of every call made once (the default
                makes them per block above 64 MiB: less memory, one more copy of the inputs per pass)
 torch-graphed  torch's step (loss and backward) captured once in a CUDA graph and replayed: the step
@@ -50,11 +56,12 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32",
-               "torch-whole-columns", "torch-graphed", "torch-core")  # and torch-fused[:k=v,...]
-IMPLS = ("paper-literal", "numpy", "numpy-core", "torch", "torch-fused", "torch-pergroup", "torch-augmented",
-         "torch-tf32x3", "torch-tf32", "torch-whole-columns", "torch-graphed", "torch-core", "jax",
-         "jax-groups", "jax-core")
+# and torch-fused[:k=v,...]
+TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32", "torch-mkl",
+               "torch-kept-coefficients", "torch-stack-all", "torch-whole-columns", "torch-graphed",
+               "torch-core")
+IMPLS = ("paper-literal", "numpy", "numpy-core", *TORCH_IMPLS[:1], "torch-fused", *TORCH_IMPLS[1:],
+         "jax", "jax-groups", "jax-core")
 
 
 @dataclasses.dataclass
@@ -66,10 +73,12 @@ class Runner:
 
 
 @contextlib.contextmanager
-def fast_path(adapter: str, enabled: bool, fused: bool | None = None, shared: bool | None = None):
+def fast_path(adapter: str, enabled: bool, fused: bool | None = None, shared: bool | None = None,
+              stack_elements: int | None | bool = False):
     """Temporarily switch a framework's fast-path hooks off: compute_drift (enabled=False) and
     fused_loss (fused=False; default: as enabled); shared=True/False forces share_groups (the
-    groups of one shape in one evaluation) on or off."""
+    groups of one shape in one evaluation) on or off; stack_elements (False: as it is) sets the
+    backend's limit on the points stacked into one evaluation (None: none)."""
     import importlib
 
     module = importlib.import_module(f"driftloss.adapters.{adapter}")
@@ -80,6 +89,8 @@ def fast_path(adapter: str, enabled: bool, fused: bool | None = None, shared: bo
         changes["fused_loss"] = None
     if shared is not None:
         changes["share_groups"] = lambda a: shared
+    if stack_elements is not False:
+        changes["stack_elements"] = stack_elements
     module.BACKEND = dataclasses.replace(saved, **changes)
     try:
         yield
@@ -141,6 +152,16 @@ def context(impl: str) -> contextlib.AbstractContextManager:
         from driftloss.adapters import torch_fast
 
         return mock.patch.object(torch_fast, "COLUMN_ELEMENTS", 1 << 62)
+    if impl == "torch-stack-all":
+        return fast_path("torch", True, stack_elements=None)
+    if impl == "torch-kept-coefficients":
+        from driftloss.adapters import torch_fast
+
+        return mock.patch.object(torch_fast, "DRIFT_ELEMENTS", 0)
+    if impl == "torch-mkl":
+        from driftloss.adapters import torch_fast
+
+        return mock.patch.object(torch_fast, "CPU_PRODUCTS", "torch")
     if impl in ("torch-tf32x3", "torch-tf32"):
         from driftloss.adapters import torch_fast
 

@@ -52,6 +52,9 @@ class Backend:
                              into one compute_drift (segments) for arrays like a: worth it where
                              each array operation has a fixed cost (GPU launches, XLA), not for
                              eager CPU libraries, whose blocks are cache-sized either way
+    stack_elements        -> the most entries of points (x, pos and neg) that drifting_loss_groups
+                             copies into one stacked evaluation: a bucket of groups is stacked in runs
+                             up to it, a group above it evaluated on its own; None: no limit
     """
 
     stop_gradient: Callable[[Any], Any] = _identity
@@ -64,6 +67,7 @@ class Backend:
     compute_drift: Callable[..., Any] | None = None
     fused_loss: Callable[..., Any] | None = None
     share_groups: Callable[[Any], bool] = lambda a: False
+    stack_elements: int | None = None
     constant: Callable[[Any, Any, Any, Any], Any] = asarray_constant
 
 

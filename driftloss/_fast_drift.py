@@ -27,7 +27,9 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   for each block from the caller's x, neg and pos, so that no [L, J, D] copy exists (wide feature
   maps of many locations on a GPU);
 - lambda_tau's sums of squares are taken per block, and only V, not F, is joined across blocks
-  (each block's F is dropped once its part of V is made).
+  (each block's F is dropped once its part of V is made); where F is large and the kernel has fewer
+  columns than the points have dimensions, the blocks keep F's coefficients [p, T, rows, J] instead
+  of F [p, T, rows, D], and V = (sum over tau of C / lambda) @ y takes one more product.
 
 Only the leading ``...`` dims are flattened to one problem axis L; nothing loops per problem.
 The problems may come in segments, each with its own S, s and lambda as if it were a call of its
@@ -141,7 +143,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                keep_elements: int = DEFAULT_KEEP_ELEMENTS,
                column_elements: int = DEFAULT_KEEP_ELEMENTS,
                augment: bool | None = None,
-               constant: Callable[..., Any] = asarray_constant) -> tuple[Any, Any, dict[str, Any]]:
+               constant: Callable[..., Any] = asarray_constant,
+               drift_elements: int = DEFAULT_KEEP_ELEMENTS) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` (same arguments and results) by blocks of at most ``block_elements`` entries.
 
     x [..., N, D], pos [..., P, D], neg [..., M, D] or None; weights (x_w [..., N], neg_w [..., M]
@@ -157,6 +160,10 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     ``augment`` (D > 4): squared distances from one product of augmented points (True), or from a
     product plus the squared norms in elementwise passes (False); None: whichever moves less memory.
     ``constant(xp, values, dtype, device)`` makes the arrays of Python numbers (``Backend.constant``).
+    ``drift_elements``: F [L, T, N, D] is kept from the drift pass until lambda is known up to this
+    many entries; above, where the kernel's coefficients [L, T, N, J] are smaller (J < D, wide
+    features) and give F in one product, those are kept instead and V made from them by one more
+    product (a third of the drift's for three temperatures) in place of the sum over F.
     Returns (V [..., N, D], s, stats) as ``compute_drift``; with segments, s and the stats carry a
     leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T]).
     """
@@ -269,16 +276,25 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
             dist = ctx.distances(b, zero_self=False, pts=pts)
         else:  # a Python loop's blocks have concrete starts: piece p0 // problems is block b's
             dist = kept[b.p0 // plan.problems] if isinstance(kept, list) else ctx.problems(kept, b)
-        f, nb = ctx.block_drift(ctx.penalized(dist, b), b, col_stats, pts)
+        f, nb, coefficients = ctx.block_drift(ctx.penalized(dist, b), b, col_stats, pts)
         # not vector_norm: torch's loses ~1e-5 relative on a large block in float32 (CPU, 2.13)
         sq = sq + ctx.run_sums(xp.sum(f * f, axis=(2, 3)), b)  # [G, T]
-        return (sq, neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours), f
+        return (sq, neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours), (f, coefficients)
+
+    # Keep the coefficients C instead of F (F = C @ y) where F is large and C smaller: the one-product
+    # branch of block_drift (block rows and J at most D, attraction = repulsion).
+    keep_coefficients = (n_probs * n_taus * n * d_feat > drift_elements and j < d_feat
+                         and plan.rows <= d_feat and opts.attraction == opts.repulsion)
+
+    def drift_kept(carry, b):
+        carry, (f, coefficients) = drift(carry, b)
+        return carry, (coefficients if keep_coefficients else f)
 
     zeros = xp.zeros((n_segs, n_taus), dtype=dt, device=dev)
     ctx.inv_feature_scale = ctx.per_problem(1.0 / s, 4)
-    # F / s as pieces [p, T, N, D] along the problems: combined over tau piece by piece below, so
-    # only V (a third of F's size for three temperatures) is joined.
-    (sq, neighbours), pieces = plan.sweep(loop, drift, (zeros, zeros), xp, join=False)
+    # F / s as pieces [p, T, N, D] along the problems (or their coefficients [p, T, N, J]): combined
+    # over tau piece by piece below, so only V (a third of F's size for three temperatures) is joined.
+    (sq, neighbours), pieces = plan.sweep(loop, drift_kept, (zeros, zeros), xp, join=False)
 
     # lambda_tau of each segment from its mean of F_tau^2, then V = sum_tau F_tau / lambda_tau.
     counts_nd = constant(xp, [[float(c * n * d_feat)] for c in counts], dt, dev)  # [G, 1]
@@ -294,13 +310,18 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     pieces.reverse()
     while pieces:  # each piece of F is dropped once its part of V is made: F and V are not both whole
         f = pieces.pop()
-        if opts.normalize:  # the sum over tau as one product [p, 1, T] @ [p, T, N * D]: one pass over F
-            inv = inv_rms if inv_rms.shape[0] == 1 else inv_rms[p0:p0 + f.shape[0], ...]
-            v_flat = ctx.matmul(inv, xp.reshape(f, (f.shape[0], n_taus, n * d_feat)))[:, 0, :]  # [p, N * D]
-            v_pieces.append(xp.reshape(v_flat, (f.shape[0], n, d_feat)))
+        n_p, width = f.shape[0], f.shape[-1]  # width: D, or J for kept coefficients
+        if opts.normalize:  # the sum over tau as one product [p, 1, T] @ [p, T, N * width]: one pass
+            inv = inv_rms if inv_rms.shape[0] == 1 else inv_rms[p0:p0 + n_p, ...]
+            summed = ctx.matmul(inv, xp.reshape(f, (n_p, n_taus, n * width)))[:, 0, :]  # [p, N * width]
+            summed = xp.reshape(summed, (n_p, n, width))
         else:
-            v_pieces.append(xp.sum(f, axis=1))
-        p0 += f.shape[0]
+            summed = xp.sum(f, axis=1)
+        del f
+        if keep_coefficients:  # V = (sum over tau of C / lambda) @ y, y the piece's centred columns
+            summed = ctx.matmul(summed, ctx.block_points(_Block(p0, n_p, 0, n))[1])
+        v_pieces.append(summed)
+        p0 += n_p
     v = xp.reshape(_joined(v_pieces, 0, xp), (*lead, n, d_feat))
 
     stats: dict[str, Any] = {}
@@ -451,9 +472,13 @@ class _Context:
         self.is_pos = xp.arange(j, device=dev) >= n_neg  # [J]: the positive columns
 
     def squared_norms(self, xc: Any, yc: Any) -> tuple[Any, Any]:
-        """(|x|^2 [..., N, 1], |y|^2 [..., J, 1]) of centred points."""
+        """(|x|^2 [..., N, 1], |y|^2 [..., J, 1]) of centred points; xc holds all N rows of x, which
+        are yc's first N rows where x counts as negatives (their norms are then taken once)."""
         xp = self.xp
-        return xp.sum(xc * xc, axis=-1, keepdims=True), xp.sum(yc * yc, axis=-1, keepdims=True)
+        y2 = xp.sum(yc * yc, axis=-1, keepdims=True)
+        if self.opts.x_as_negatives and xc.shape[-2] == self.n:
+            return y2[..., :self.n, :], y2
+        return xp.sum(xc * xc, axis=-1, keepdims=True), y2
 
     def grams(self, xc: Any, yc: Any, x2: Any, y2: Any) -> tuple[Any, Any]:
         """The augmented points [-2x, |x|^2, 1] [..., N, D + 2] and [y, 1, |y|^2] [..., J, D + 2]."""
@@ -566,9 +591,11 @@ class _Context:
         terms = xp.expand_dims(xp.expand_dims(col_min, axis=-2) - dist, axis=1)  # [p, 1, rows, J]
         return xp.exp(terms * self.of_block(self.rate, b))
 
-    def block_drift(self, dist: Any, b: _Block, col_stats: Any, pts: tuple[Any, Any]) -> tuple[Any, Any]:
-        """F / s [p, T, rows, D] (centred coordinates, feature units) and the neighbour sums [p, T],
-        from the penalized distances [p, rows, J] and the block's points (``block_points``)."""
+    def block_drift(self, dist: Any, b: _Block, col_stats: Any,
+                    pts: tuple[Any, Any]) -> tuple[Any, Any, Any]:
+        """(F / s [p, T, rows, D] (centred coordinates, feature units), the neighbour sums [p, T], the
+        coefficients C [p, T, rows, J] with F / s = C @ y where one product gives F, else None), from
+        the penalized distances [p, rows, J] and the block's points (``block_points``)."""
         xp, opts = self.xp, self.opts
         e = xp.expand_dims(dist, axis=1)  # [p, 1, rows, J]
         rate = self.of_block(self.rate, b)  # [p or 1, T, 1, 1]
@@ -602,6 +629,7 @@ class _Context:
             neighbours = None
         col_w = w if col_f is None else col_f * w  # [p, T or 1, 1, J]
         nn, (pb, t, rows, j), d_feat = self.n_neg, k.shape, self.d_feat
+        coefficients_of_f = None  # C with F = C @ y, where one product gives F
         xb, y3 = pts  # [p, rows, D], [p, J, D]
         # Row coefficients [p, T, rows, 1]: F = c+ (K+ y+) - c- (K- y-), with c+ = a s- / (s r^2),
         # c- = r s+ / (s r^2) for the row normalization r^2 (it scales both K and the other side's sum).
@@ -622,6 +650,7 @@ class _Context:
             if j <= d_feat:  # the coefficients on the kernel side: one product gives F itself
                 signed = kw * xp.where(self.is_pos, c_pos, -c_neg)
                 f = xp.reshape(self.matmul(xp.reshape(signed, (pb, t * rows, j)), y3), (pb, t, rows, d_feat))
+                coefficients_of_f = signed
             else:  # temperatures stacked into the rows of each product (no broadcast copy of the points)
                 kw3 = xp.reshape(kw, (pb, t * rows, j))
                 z_neg = xp.reshape(self.matmul(kw3[..., :nn], y3[..., :nn, :]), (pb, t, rows, d_feat))
@@ -637,7 +666,8 @@ class _Context:
             f = c_pos * z_pos - c_neg * z_neg
         if a_ != r_:
             f = f - ((a_ - r_) * common * s_neg * s_pos) * xp.expand_dims(xb, axis=1)
-        return f, neighbours
+            coefficients_of_f = None
+        return f, neighbours, coefficients_of_f
 
 
 def _scale(a: Any, factor: Any) -> Any:

@@ -154,13 +154,31 @@ def _buckets(calls, xp, be) -> list[list[int]]:
     return list(buckets.values())
 
 
+def _stacking_runs(idx: list[int], calls, limit: int | None) -> list[list[int]]:
+    """A bucket's calls in consecutive runs whose points (x, pos, neg) hold at most ``limit`` entries
+    together (a call above it: a run of its own); None: one run."""
+    if limit is None:
+        return [idx]
+    runs, run, size = [], [], 0
+    for i in idx:
+        n = sum(math.prod(a.shape) for a in calls[i][:3] if a is not None)
+        if run and size + n > limit:
+            runs.append(run)
+            run, size = [], 0
+        run.append(i)
+        size += n
+    return runs + [run]
+
+
 def _evaluated_buckets(calls, opts, xp, be):
     """(indices, calls, ``_stacked_drift`` result or None) per bucket of calls of one shape: where the
     backend has a fast drift and shares groups (``Backend.share_groups``), a bucket of several calls
-    (the groups of a feature map) shares one evaluation; otherwise (None) each call runs on its own."""
-    for idx in _buckets(calls, xp, be):
-        group = [calls[i] for i in idx]
-        yield idx, group, (_stacked_drift(group, opts, xp, be) if len(idx) > 1 else None)
+    (the groups of a feature map) shares one evaluation, in runs of at most ``Backend.stack_elements``
+    stacked points; otherwise (None) each call runs on its own."""
+    for bucket in _buckets(calls, xp, be):
+        for idx in _stacking_runs(bucket, calls, be.stack_elements):
+            group = [calls[i] for i in idx]
+            yield idx, group, (_stacked_drift(group, opts, xp, be) if len(idx) > 1 else None)
 
 
 def _shared_losses(calls, opts, reduction, xp, be):
@@ -230,6 +248,7 @@ def _stacked_drift(calls, opts, xp, be):
                         for w, pts in zip(shared_weights, (xs, ns, ps)))  # (x_w, neg_w, pos_w)
         out = be.compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=be.matmul or xp.matmul,
                                device=be.device, segments=run_of_location * math.prod(x0.shape[:-3]))
+    del xs, ps, ns, weights  # the stacked copies of pos and neg are not held through the regression
     if out is None:
         return None
     v, s, stats = out

@@ -109,14 +109,15 @@ LAYOUT_WIDTHS = (5, 10, 32)
 def test_product_layouts_equal_reference_float64(case, d):
     """Each layout of the drift product, for every block plan, with the first pass's distances kept
     for the drift pass or recomputed there (keep_elements=0), the centred columns made once or per
-    block (column_elements=0), and the distances from the augmented product or from x . y plus the
-    norms."""
+    block (column_elements=0), F kept until lambda is known or, where one product gives it, its
+    coefficients (drift_elements=0), and the distances from the augmented product or from x . y plus
+    the norms."""
     x, pos, neg, w = _problem(10, n=7, p=5, m=4, d=d)
     opts = _options(case, stats=True)
     v_ref, s_ref, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
     for block, keep, augment in itertools.product(BLOCKS, (1 << 24, 0), (True, False)):
         v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
-                              keep_elements=keep, column_elements=keep, augment=augment)
+                              keep_elements=keep, column_elements=keep, augment=augment, drift_elements=keep)
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, (block, keep, augment)
         assert float(s) == pytest.approx(float(s_ref), rel=1e-12)
         for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
@@ -221,12 +222,14 @@ def test_cross_replica_sum_matches_reference():
 SEGMENT_CASES = [c for c in OPTION_GRID if c["attraction"] == 1.0 and c["x_as_negatives"] and c["with_neg"]]
 
 
+@pytest.mark.parametrize("d", [3, 32])
 @pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_segments_equal_separate_calls(case):
+def test_segments_equal_separate_calls(case, d):
     """Problems in G segments (interleaved, as drifting_loss_groups stacks groups along their
     locations) give each segment the drift, s and stats of a call of its own, for every block plan
-    (blocks that straddle segments, one problem per block, rows split)."""
-    x, pos, neg, w = _problem(5, lead=(2, 3), with_neg=case["with_neg"])
+    (blocks that straddle segments, one problem per block, rows split); at d = 32 > J with F's
+    coefficients kept in place of F (drift_elements=0)."""
+    x, pos, neg, w = _problem(5, lead=(2, 3), d=d, with_neg=case["with_neg"])
     opts = _options(case, stats=True)
     runs = [0, 1, 0, 2, 1, 2]  # segment of each of the 2*3 problems (row-major)
 
@@ -236,8 +239,8 @@ def test_segments_equal_separate_calls(case):
 
     for block in (*BLOCKS, 2 * 7 * 3 * 16):  # the last: two whole problems per block
         v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
-                              segments=runs)
-        v = B.to_numpy(v).reshape(6, 7, 3)
+                              segments=runs, drift_elements=0)
+        v = B.to_numpy(v).reshape(6, 7, d)
         for g in range(3):
             idx = [i for i, r in enumerate(runs) if r == g]
             args = [None if a is None else problems(a, idx) for a in (x, pos, neg)]

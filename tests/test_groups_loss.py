@@ -153,16 +153,23 @@ def shared_data():
             random_groups(M, 7, offset=-0.2, shapes=SHARED))
 
 
-@pytest.fixture(params=["shared", "one by one"])
+# Backend.stack_elements for "in runs": m.loc (4 locations: 264 points without neg, 360 with) alone,
+# then m.mean and m.mean_2 (1 + 2 locations: 198 or 270 points) stacked together.
+RUNS_LIMIT = 300
+
+
+@pytest.fixture(params=["shared", "in runs", "one by one"])
 def sharing(request):
-    """Groups of one shape evaluated together (forced on every backend with a fast drift) or not."""
+    """Groups of one shape evaluated together (forced on every backend with a fast drift), stacked in
+    runs of at most RUNS_LIMIT points, or one by one."""
     if HOOKS_AT is None:
-        if request.param == "shared":
+        if request.param != "one by one":
             pytest.skip(f"{B.name} has no fast drift: each group runs the reference")
         yield request.param
         return
     with pytest.MonkeyPatch.context() as mp:
-        swap_hooks(mp, share_groups=lambda a, on=request.param == "shared": on)
+        swap_hooks(mp, share_groups=lambda a, on=request.param != "one by one": on,
+                   stack_elements=RUNS_LIMIT if request.param == "in runs" else None)
         yield request.param
 
 
@@ -229,6 +236,8 @@ def test_groups_of_one_shape_share_one_drift_evaluation(shared_data, sharing):
         driftloss.drifting_loss_groups(on_backend(gen), on_backend(pos))
     if sharing == "shared":  # m.* stacked along their locations (4 + 1 + 2 per class, 2 classes); n.loc alone
         assert sorted(seen, key=lambda s: s is None) == [[0, 0, 0, 0, 1, 2, 2] * G, None]
+    elif sharing == "in runs":  # m.loc alone, m.mean and m.mean_2 stacked (1 + 2 per class); n.loc alone
+        assert sorted(seen, key=lambda s: s is None) == [[0, 1, 1] * G, None, None]
     else:
         assert seen == [None] * len(SHARED)
 
