@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import platform
 from collections.abc import Callable
 
 import torch
@@ -36,9 +37,10 @@ def _onednn_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def available() -> bool:
-    """Whether oneDNN's product runs here and agrees with ``torch.matmul`` (checked once)."""
+    """Whether oneDNN's product runs here and agrees with ``torch.matmul`` (checked once). x86-64 only:
+    measured there against MKL; other processors' torch builds use other libraries, not measured."""
     try:
-        if not torch.backends.mkldnn.is_available():
+        if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
             return False
         gen = torch.Generator().manual_seed(0)
         a = torch.randn(48, 40, generator=gen)

@@ -56,7 +56,7 @@ import numpy as np
 
 from benchmarks.scenarios import Scenario
 
-# and torch-fused[:k=v,...]
+# The torch implementations besides torch-fused[:k=v,...].
 TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32", "torch-mkl",
                "torch-kept-coefficients", "torch-stack-all", "torch-whole-columns", "torch-graphed",
                "torch-core")
