@@ -13,7 +13,6 @@ products where it pays (PER_PROBLEM_MACS) and that need no gradient.
 from __future__ import annotations
 
 import functools
-import math
 import platform
 from collections.abc import Callable
 
@@ -70,17 +69,14 @@ def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     pays (see ``_uses_onednn``), else ``torch.matmul``. Same float32 accuracy either way."""
     if not _uses_onednn(a, b):
         return torch.matmul(a, b)
-    lead = a.shape[:-2]
-    if not lead:
-        return _onednn_product(a, b)
-    a3 = a.reshape(math.prod(lead), *a.shape[-2:])
-    b3 = b.reshape(math.prod(lead), *b.shape[-2:])
-    if a3.shape[0] == 1:
-        return _onednn_product(a3[0], b3[0]).reshape(*lead, a.shape[-2], b.shape[-1])
-    out = torch.empty((a3.shape[0], a.shape[-2], b.shape[-1]), dtype=a.dtype)
+    lead, m, n = a.shape[:-2], a.shape[-2], b.shape[-1]
+    a3, b3 = a.reshape(-1, m, a.shape[-1]), b.reshape(-1, *b.shape[-2:])
+    if a3.shape[0] == 1:  # one problem: oneDNN's result as it is, no copy
+        return _onednn_product(a3[0], b3[0]).reshape(*lead, m, n)
+    out = torch.empty((a3.shape[0], m, n), dtype=a.dtype)
     for i in range(a3.shape[0]):
         out[i] = _onednn_product(a3[i], b3[i])
-    return out.reshape(*lead, a.shape[-2], b.shape[-1])
+    return out.reshape(*lead, m, n)
 
 
 def products(kind: str, default: Product) -> Product:

@@ -10,21 +10,17 @@ these two products). For reading, not for RESULTS.md ratios.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+
+from benchmarks import impls, measure
 
 SHAPES = {"distance [256,2048]@[2048,512]": (256, 2048, 512), "drift [768,512]@[512,2048]": (768, 512, 2048)}
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times, _ = measure.time_runner(impls.Runner(step=fn, sync=lambda _: None, to_numpy=None), repeats)
+    return measure.median(times)
 
 
 def _shape_rates(m: int, k: int, n: int, repeats: int) -> dict[str, float]:

@@ -267,6 +267,11 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                            axis=0)
         col_stats = (col_min, col_sq)
 
+    # F's coefficients C (F = C @ y) are kept instead of F where F is large and C smaller: the
+    # one-product branch of block_drift (block rows and J at most D, attraction = repulsion).
+    keep_coefficients = (n_probs * n_taus * n * d_feat > drift_elements and j < d_feat
+                         and plan.rows <= d_feat and opts.attraction == opts.repulsion)
+
     # Pass 3: the drift of each block, per temperature. The carry holds the sums of F_tau^2 per
     # segment [G, T] (taken while the block is in cache) and the neighbour sums [G, T].
     def drift(carry, b):
@@ -279,22 +284,14 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         f, nb, coefficients = ctx.block_drift(ctx.penalized(dist, b), b, col_stats, pts)
         # not vector_norm: torch's loses ~1e-5 relative on a large block in float32 (CPU, 2.13)
         sq = sq + ctx.run_sums(xp.sum(f * f, axis=(2, 3)), b)  # [G, T]
-        return (sq, neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours), (f, coefficients)
-
-    # Keep the coefficients C instead of F (F = C @ y) where F is large and C smaller: the one-product
-    # branch of block_drift (block rows and J at most D, attraction = repulsion).
-    keep_coefficients = (n_probs * n_taus * n * d_feat > drift_elements and j < d_feat
-                         and plan.rows <= d_feat and opts.attraction == opts.repulsion)
-
-    def drift_kept(carry, b):
-        carry, (f, coefficients) = drift(carry, b)
+        carry = (sq, neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours)
         return carry, (coefficients if keep_coefficients else f)
 
     zeros = xp.zeros((n_segs, n_taus), dtype=dt, device=dev)
     ctx.inv_feature_scale = ctx.per_problem(1.0 / s, 4)
     # F / s as pieces [p, T, N, D] along the problems (or their coefficients [p, T, N, J]): combined
     # over tau piece by piece below, so only V (a third of F's size for three temperatures) is joined.
-    (sq, neighbours), pieces = plan.sweep(loop, drift_kept, (zeros, zeros), xp, join=False)
+    (sq, neighbours), pieces = plan.sweep(loop, drift, (zeros, zeros), xp, join=False)
 
     # lambda_tau of each segment from its mean of F_tau^2, then V = sum_tau F_tau / lambda_tau.
     counts_nd = constant(xp, [[float(c * n * d_feat)] for c in counts], dt, dev)  # [G, 1]
