@@ -8,6 +8,8 @@ torch          driftloss.drifting_loss_groups on torch (all groups in one call; 
                for the single-call scenarios) + backward: what a user runs, the blocked fast drift
                (on accelerators the groups of one feature map share one evaluation, each with its
                own S and lambda)
+torch-stats    torch asking for the statistics too (return_stats=True, as the reference trainers do:
+               feature scale, drift rms and the kernel's effective neighbours per tau)
 torch-fused    the same with the fused Triton kernels switched on (driftloss.adapters.torch_fused,
                opt-in; CUDA only: elsewhere they decline and the blocked path runs)
 torch-fused:k=v,...  the fused kernels with other settings: prec=D/L/F (tl.dot input precisions of
@@ -57,9 +59,9 @@ import numpy as np
 from benchmarks.scenarios import Scenario
 
 # The torch implementations besides torch-fused[:k=v,...].
-TORCH_IMPLS = ("torch", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32", "torch-mkl",
-               "torch-kept-coefficients", "torch-stack-all", "torch-whole-columns", "torch-graphed",
-               "torch-core")
+TORCH_IMPLS = ("torch", "torch-stats", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32",
+               "torch-mkl", "torch-kept-coefficients", "torch-stack-all", "torch-whole-columns",
+               "torch-graphed", "torch-core")
 IMPLS = ("paper-literal", "numpy", "numpy-core", *TORCH_IMPLS[:1], "torch-fused", *TORCH_IMPLS[1:],
          "jax", "jax-groups", "jax-core")
 
@@ -195,7 +197,7 @@ def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.Abs
     elif impl == "torch-graphed":
         runner = _graphed(_torch(scen, device))
     elif impl in TORCH_IMPLS or impl.startswith("torch-fused"):
-        runner = _torch(scen, device)
+        runner = _torch(scen, device, stats=impl == "torch-stats")
     elif impl in ("reference-cuda", "reference-cuda-blocked"):
         runner = _torch(scen, device, dtype="float64")
     elif impl in ("jax", "jax-groups", "jax-core"):
@@ -286,7 +288,7 @@ def _paper_literal(scen: Scenario, device: str) -> Runner:
     return _torch_runner(torch, xs, loss_fn)
 
 
-def _torch(scen: Scenario, device: str, dtype: str = "float32") -> Runner:
+def _torch(scen: Scenario, device: str, dtype: str = "float32", stats: bool = False) -> Runner:
     from driftloss.adapters.torch import drifting_loss
 
     import driftloss
@@ -299,12 +301,15 @@ def _torch(scen: Scenario, device: str, dtype: str = "float32") -> Runner:
 
     def loss_fn():
         if len(xs) == 1:
-            return drifting_loss(xs[0], poss[0], negs[0], scen.taus, neg_weight=w)
-        # calls [L, n, C] -> groups [n, L, C] (views); drifting_loss_groups makes each location a problem.
-        gen = {str(k): x.transpose(0, 1) for k, x in enumerate(xs)}
-        pos = {str(k): p.transpose(0, 1) for k, p in enumerate(poss)}
-        neg = None if negs[0] is None else {str(k): q.transpose(0, 1) for k, q in enumerate(negs)}
-        return driftloss.drifting_loss_groups(gen, pos, neg, scen.taus, neg_weight=w)
+            out = drifting_loss(xs[0], poss[0], negs[0], scen.taus, neg_weight=w, return_stats=stats)
+        else:
+            # calls [L, n, C] -> groups [n, L, C] (views); drifting_loss_groups makes each location a
+            # problem.
+            gen = {str(k): x.transpose(0, 1) for k, x in enumerate(xs)}
+            pos = {str(k): p.transpose(0, 1) for k, p in enumerate(poss)}
+            neg = None if negs[0] is None else {str(k): q.transpose(0, 1) for k, q in enumerate(negs)}
+            out = driftloss.drifting_loss_groups(gen, pos, neg, scen.taus, neg_weight=w, return_stats=stats)
+        return out[0] if stats else out
 
     return _torch_runner(torch, xs, loss_fn)
 

@@ -615,16 +615,11 @@ class _Context:
         else:
             k = xp.exp(-e * rate)
         w = xp.reshape(self.problems(self.w, b), (b.problems, 1, 1, -1))  # [p, 1, 1, J]
-        if opts.affinity_floor > 0 or opts.with_stats:
+        if opts.affinity_floor > 0:  # the floor applies to the normalized A: form it, and use it as K
             a = _scale(k if row_norm is None else k / row_norm, col_f)
-            if opts.affinity_floor > 0:
-                a = xp.clip(a, min=math.sqrt(opts.affinity_floor))
-            neighbours = _neighbour_sums(a * w, xp) if opts.with_stats else None
-            if opts.affinity_floor > 0:
-                k, row_norm, col_f = a, None, None
-        else:
-            neighbours = None
+            k, row_norm, col_f = xp.clip(a, min=math.sqrt(opts.affinity_floor)), None, None
         col_w = w if col_f is None else col_f * w  # [p, T or 1, 1, J]
+        neighbours = None  # A w is K col_w scaled per row, so the entropies come from K col_w
         nn, (pb, t, rows, j), d_feat = self.n_neg, k.shape, self.d_feat
         coefficients_of_f = None  # C with F = C @ y, where one product gives F
         xb, y3 = pts  # [p, rows, D], [p, J, D]
@@ -643,6 +638,8 @@ class _Context:
             kw = k * col_w  # [p, T, rows, J]
             s_neg = xp.sum(kw[..., :nn], axis=-1, keepdims=True)  # [p, T, rows, 1]
             s_pos = xp.sum(kw[..., nn:], axis=-1, keepdims=True)
+            if opts.with_stats:
+                neighbours = _neighbour_sums(kw, xp, s_neg + s_pos)
             c_pos, c_neg = coefficients(s_neg, s_pos)
             if j <= d_feat:  # the coefficients on the kernel side: one product gives F itself
                 signed = kw * xp.where(self.is_pos, c_pos, -c_neg)
@@ -659,6 +656,8 @@ class _Context:
             k_neg, k_pos = k[..., :nn], k[..., nn:]
             z_neg, z_pos = self.matmul(k_neg, yw[..., :nn, :]), self.matmul(k_pos, yw[..., nn:, :])
             s_neg, s_pos = self.matmul(k_neg, cw[..., :nn, :]), self.matmul(k_pos, cw[..., nn:, :])
+            if opts.with_stats:
+                neighbours = _neighbour_sums(k * col_w, xp, s_neg + s_pos)
             c_pos, c_neg = coefficients(s_neg, s_pos)
             f = c_pos * z_pos - c_neg * z_neg
         if a_ != r_:
@@ -675,12 +674,16 @@ def _times(a: Any, number: float) -> Any:
     return a if number == 1 else number * a
 
 
-def _neighbour_sums(a: Any, xp: Any) -> Any:
-    """Sum over rows of exp(entropy of the row of A normalized to 1), per problem -> [p, T].
+def _neighbour_sums(b: Any, xp: Any, total: Any) -> Any:
+    """Sum over rows of exp(entropy of the row of B normalized to 1), per problem -> [p, T].
 
-    a [p, T, rows, J]; divided by the number of rows this is ``effective_neighbours`` per tau.
+    b [p, T, rows, J] >= 0, in any per-row scale; total [p, T, rows, 1] its row sums. Divided by the
+    number of rows this is ``effective_neighbours`` per tau. With B the row sum, entropy =
+    log B - sum(b log b) / B: no normalized copy of b, and one log pass.
     """
-    total = xp.sum(a, axis=-1, keepdims=True)
-    p = a / xp.where(total > 0, total, 1)
-    plogp = xp.where(p > 0, p * xp.log(xp.where(p > 0, p, 1)), 0)
-    return xp.sum(xp.exp(-xp.sum(plogp, axis=-1)), axis=2)
+    # b log(b + tiny) is b log b for normal b and exactly 0 at b = 0 (0 log 0 = 0); vecdot, as NumPy's
+    # fused multiply-sum along rows runs 4x faster than a product and a sum
+    b_log_b = xp.vecdot(b, xp.log(b + xp.finfo(b.dtype).smallest_normal))
+    total = total[..., 0]
+    safe = xp.where(total > 0, total, 1)  # an all-zero row counts 1 neighbour, as effective_neighbours
+    return xp.sum(xp.exp(xp.log(safe) - b_log_b / safe), axis=2)
