@@ -20,7 +20,9 @@ from driftloss import drifting_loss
 from driftloss._backends import backend_for
 from driftloss._drift import DriftOptions
 from driftloss._drift import reference_drift as _reference_drift
+from driftloss._fast_drift import _neighbour_sums
 from driftloss._fast_drift import fast_drift as _fast_drift
+from driftloss._kernel import effective_neighbours
 
 TOL = {np.float64: 1e-10, np.float32: 1e-5}
 HAS_HOOK = HOOKS_AT is not None
@@ -147,13 +149,36 @@ def test_float32_points_far_from_the_origin_are_centred(augment):
 @pytest.mark.parametrize("floor", [0.0, 1e-6])
 def test_fast_drift_equals_reference_float32(kernel, floor):
     x, pos, neg, w = _problem(1, lead=(4,), n=24, p=32, m=8, d=16, dtype=np.float32)
-    opts = DriftOptions(taus=(0.02, 0.05, 0.2), kernel=kernel, affinity_floor=floor)
-    v_ref, _, _ = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
-    v_one, _, _ = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    opts = DriftOptions(taus=(0.02, 0.05, 0.2), kernel=kernel, affinity_floor=floor, with_stats=True)
+    v_ref, _, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    v_one, _, st_one = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
     v_blk, _, _ = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=500)
     assert v_one.dtype == v_ref.dtype
     assert _rel(B.to_numpy(v_one), B.to_numpy(v_ref)) < 1e-5
     assert _rel(B.to_numpy(v_blk), B.to_numpy(v_one)) < 1e-5
+    for key in ("drift_rms", "neighbours"):
+        assert _rel(B.to_numpy(st_one[key]), B.to_numpy(st_ref[key])) < 1e-5, key
+
+
+def test_neighbour_sums_equal_effective_neighbours_of_the_normalized_rows():
+    """exp(entropy) per row from b and its row sums, with no normalized copy: invariant to each row's
+    scale, 0 log 0 = 0 for zero entries, and 1 for an all-zero row, as ``effective_neighbours``."""
+    rng = np.random.default_rng(3)
+    a = rng.uniform(size=(2, 3, 5, 7)) * (rng.uniform(size=(2, 3, 5, 7)) > 0.3)  # [p, T, rows, J]
+    a[0, 1, 2] = 0.0  # an all-zero row
+    a[1, 0, 4] = np.eye(7)[3]  # one neighbour exactly
+    b = a * 10.0 ** rng.uniform(-20, 3, size=(2, 3, 5, 1))  # rows at scales from 1e-20 to 1e3
+
+    def sums(b):
+        return B.to_numpy(_neighbour_sums(B.asarray(b), B.xp, B.asarray(b.sum(axis=-1, keepdims=True))))
+
+    got = sums(b)
+    want = np.array([[5 * float(B.to_numpy(effective_neighbours(B.asarray(a[i, t]), xp=B.xp)))
+                      for t in range(3)] for i in range(2)])
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    row = a[1, 2, 0] / a[1, 2, 0].sum()  # one row by hand
+    nz = row[row > 0]
+    np.testing.assert_allclose(sums(a[1:2, 2:3, :1])[0, 0], np.exp(-np.sum(nz * np.log(nz))), rtol=1e-12)
 
 
 def test_blocked_equals_unblocked_with_coincident_points_and_one_sample():
