@@ -62,6 +62,15 @@ from benchmarks.scenarios import Scenario
 TORCH_IMPLS = ("torch", "torch-stats", "torch-pergroup", "torch-augmented", "torch-tf32x3", "torch-tf32",
                "torch-mkl", "torch-kept-coefficients", "torch-stack-all", "torch-whole-columns",
                "torch-graphed", "torch-core")
+# The implementations that differ from "torch" by one setting of adapters/torch_fast.py: (name, value).
+TORCH_FAST_SETTINGS = {
+    "torch-augmented": ("AUGMENT", True),  # the squared distances always from the augmented product
+    "torch-whole-columns": ("COLUMN_ELEMENTS", 1 << 62),
+    "torch-kept-coefficients": ("DRIFT_ELEMENTS", 0),
+    "torch-mkl": ("CPU_PRODUCTS", "torch"),
+    "torch-tf32x3": ("CUDA_PRODUCTS", "tf32x3"),
+    "torch-tf32": ("CUDA_PRODUCTS", "tf32"),
+}
 IMPLS = ("paper-literal", "numpy", "numpy-core", *TORCH_IMPLS[:1], "torch-fused", *TORCH_IMPLS[1:],
          "jax", "jax-groups", "jax-core")
 
@@ -146,28 +155,12 @@ def context(impl: str) -> contextlib.AbstractContextManager:
         return fast_path("torch", True, fused=False)
     if impl == "torch-pergroup":
         return fast_path("torch", True, fused=False, shared=False)
-    if impl == "torch-augmented":  # the squared distances always from the augmented product
+    if impl in TORCH_FAST_SETTINGS:
         from driftloss.adapters import torch_fast
 
-        return mock.patch.object(torch_fast, "AUGMENT", True)
-    if impl == "torch-whole-columns":
-        from driftloss.adapters import torch_fast
-
-        return mock.patch.object(torch_fast, "COLUMN_ELEMENTS", 1 << 62)
+        return mock.patch.object(torch_fast, *TORCH_FAST_SETTINGS[impl])
     if impl == "torch-stack-all":
         return fast_path("torch", True, stack_elements=None)
-    if impl == "torch-kept-coefficients":
-        from driftloss.adapters import torch_fast
-
-        return mock.patch.object(torch_fast, "DRIFT_ELEMENTS", 0)
-    if impl == "torch-mkl":
-        from driftloss.adapters import torch_fast
-
-        return mock.patch.object(torch_fast, "CPU_PRODUCTS", "torch")
-    if impl in ("torch-tf32x3", "torch-tf32"):
-        from driftloss.adapters import torch_fast
-
-        return mock.patch.object(torch_fast, "CUDA_PRODUCTS", impl.removeprefix("torch-"))
     if impl in ("torch-core", "reference-cuda"):
         return fast_path("torch", False)
     if impl in ("jax", "jax-core"):
