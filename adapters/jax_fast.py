@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from driftloss._block_loop import BlockLoop
 from driftloss._drift import DriftOptions
-from driftloss._fast_drift import BlockLoop, fast_drift
+from driftloss._fast_drift import fast_drift
 
 # Largest [problems, taus, rows, columns] temporary per block, in entries (float32: 4 bytes each).
 # CPU: 16 MiB blocks ran faster than 64 MiB ones under the scan on 2 cores (toy-large-64d 6.6 s vs
@@ -41,9 +42,10 @@ DRIFT_ELEMENTS = 1 << 62
 CPU_AUGMENT = True
 
 
-def _scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, starts: list[int],
-          axis: int) -> tuple[Any, list[Any]]:
-    """``BlockLoop.run`` as one lax.scan over ``starts`` (a single block runs as it is, unlooped).
+def _scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, starts: list[int], axis: int,
+          combine: Any = None) -> tuple[Any, list[Any]]:
+    """``BlockLoop.run`` as one lax.scan over ``starts`` (a single block runs as it is, unlooped); the
+    blocks run in order, so ``combine`` is not needed.
 
     The scan stacks the pieces [B, ...]; merging that axis into ``axis`` is their concatenation.
     """

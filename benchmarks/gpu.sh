@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu.sh            # from the repository root, with driftloss installed
 # On the lent GPU machine (its image lacks array-api-compat; carry the wheels in an ignored .whl/):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl array-api-compat==1.16.0 array-api-strict==2.6.1   # here
+#       --platform manylinux_2_28_x86_64 -d .whl array-api-compat==1.16.0 array-api-strict==2.6.1 \
+#       threadpoolctl==3.8.0   # here
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site \
 #       && python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . && bash benchmarks/gpu.sh
 # Each benchmarks.run starts no row after its --time-budget and prints its table; the timeouts are

@@ -3,7 +3,8 @@
 paper-literal  benchmarks/paper_literal.py (torch, fp32, one call per feature map)
 numpy          driftloss on NumPy (the blocked fast drift, cache-sized blocks): drift_field(normalize=True)
                gives loss mean(V^2) and gradient -2 V / (s * x.size), which is what drifting_loss +
-               autodiff would return; numpy-core, the same with the hook off (the core)
+               autodiff would return; its blocks split across the CPUs' threads (DRIFTLOSS_NUM_THREADS);
+               numpy-one-thread, the same on one thread; numpy-core, with the hook off (the core)
 torch          driftloss.drifting_loss_groups on torch (all groups in one call; one group per call
                for the single-call scenarios) + backward: what a user runs, the blocked fast drift
                (on accelerators the groups of one feature map share one evaluation, each with its
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -71,8 +73,8 @@ TORCH_FAST_SETTINGS = {
     "torch-tf32x3": ("CUDA_PRODUCTS", "tf32x3"),
     "torch-tf32": ("CUDA_PRODUCTS", "tf32"),
 }
-IMPLS = ("paper-literal", "numpy", "numpy-core", *TORCH_IMPLS[:1], "torch-fused", *TORCH_IMPLS[1:],
-         "jax", "jax-groups", "jax-core")
+IMPLS = ("paper-literal", "numpy", "numpy-one-thread", "numpy-core", *TORCH_IMPLS[:1], "torch-fused",
+         *TORCH_IMPLS[1:], "jax", "jax-groups", "jax-core")
 
 
 @dataclasses.dataclass
@@ -167,6 +169,8 @@ def context(impl: str) -> contextlib.AbstractContextManager:
         return fast_path("jax", impl == "jax")
     if impl in ("reference", "numpy-core"):
         return numpy_core()
+    if impl == "numpy-one-thread":
+        return mock.patch.dict(os.environ, {"DRIFTLOSS_NUM_THREADS": "1"})
     return contextlib.nullcontext()
 
 
@@ -195,7 +199,7 @@ def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.Abs
         runner = _torch(scen, device, dtype="float64")
     elif impl in ("jax", "jax-groups", "jax-core"):
         runner = _jax(scen, groups=impl == "jax-groups")
-    elif impl in ("numpy", "numpy-core"):
+    elif impl in ("numpy", "numpy-one-thread", "numpy-core"):
         runner = _numpy(scen, np.float32)
     elif impl == "reference":
         runner = _numpy(scen, np.float64)

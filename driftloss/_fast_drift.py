@@ -20,8 +20,9 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   the column statistics need every row: the first pass also gives each column's minimum distance,
   a second the column sums of g^2 per temperature, and the third the drift (distances recomputed
   in each pass). Blocks have equal sizes but for a remainder block, and each pass runs through a
-  ``BlockLoop``: a Python loop of slices by default, one ``lax.scan`` per block size under JAX
-  (adapters/jax_fast.py), where an unrolled loop lets XLA schedule all blocks' temporaries together;
+  ``BlockLoop`` (_block_loop.py): a Python loop of slices by default, split across threads for
+  NumPy, one ``lax.scan`` per block size under JAX (adapters/jax_fast.py), where an unrolled loop
+  lets XLA schedule all blocks' temporaries together;
 - the points are centred by the columns' mean, once for the whole call where the centred columns
   [L, J, D] fit ``column_elements`` (in place in their concat; x's rows are a view of them), else
   for each block from the caller's x, neg and pos, so that no [L, J, D] copy exists (wide feature
@@ -39,6 +40,7 @@ summed per segment ([G]-shaped) and handed back to each problem by its segment i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from typing import Any
 import array_api_compat
 
 from driftloss._backends import asarray_constant
+from driftloss._block_loop import PYTHON_LOOP, BlockLoop, blas_on_one_thread, cpu_threads, threaded_loop
 from driftloss._distances import DIRECT_MAX_FEATURES
 from driftloss._drift import RMS_FLOOR_SQ, SELF_PENALTY, DriftOptions, column_parts, feature_scale
 
@@ -92,46 +95,16 @@ def _column_count(x: Any, pos: Any, neg: Any, opts: DriftOptions) -> int:
 def cpu_compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
                       *, xp: Any, matmul: Callable[[Any, Any], Any], device: Callable[[Any], Any],
                       segments: Sequence[int] | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """``compute_drift`` on the CPU (NumPy's hook): ``fast_drift`` with ``cpu_block_elements``."""
+    """``compute_drift`` on the CPU (NumPy's hook): ``fast_drift`` with ``cpu_block_elements``, its
+    blocks split across ``cpu_threads()`` threads (NumPy's elementwise ops use one core each)."""
+    # Threads pay for themselves from a cache-sized block each (a b2-class call of 4 small problems
+    # took 1.2 ms on one thread, 1.4 ms on two).
+    per_call = math.prod(x.shape[:-2]) * x.shape[-2] * _column_count(x, pos, neg, opts) * len(opts.taus)
+    threads = max(1, min(cpu_threads(), per_call // CPU_CACHE_ELEMENTS))
     budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS, CPU_SPLIT_ELEMENTS)
-    return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
-                      segments=segments)
-
-
-def _python_run(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, starts: list[int],
-                axis: int) -> tuple[Any, list[Any]]:
-    """``carry, piece = body(carry, start)`` for each start in order -> (last carry, the pieces).
-
-    Pieces that are None are dropped; the caller concatenates the others along ``axis``.
-    """
-    pieces = []
-    for start in starts:
-        carry, piece = body(carry, start)
-        if piece is not None:
-            pieces.append(piece)
-    return carry, pieces
-
-
-def _python_take(a: Any, start: Any, size: int, axis: int) -> Any:
-    """a[start:start + size] along ``axis`` (a view where the backend has views)."""
-    return a[(slice(None),) * axis + (slice(start, start + size), ...)]
-
-
-@dataclass(frozen=True)
-class BlockLoop:
-    """How ``fast_drift`` runs a pass over equal-size blocks; the default is a Python loop of slices.
-
-    run(body, carry, starts, axis) -> (carry, pieces): ``carry, piece = body(carry, start)`` chained
-    over ``starts`` in order, with the pieces (piece None: none) whose concatenation along ``axis`` is
-    that of every block's piece; take(a, start, size, axis) is a[start:start + size] along ``axis``
-    for a ``start`` that ``run`` passes to ``body`` (a traced index under JAX's lax.scan).
-    """
-
-    run: Callable[..., tuple[Any, list[Any]]] = _python_run
-    take: Callable[[Any, Any, int, int], Any] = _python_take
-
-
-PYTHON_LOOP = BlockLoop()
+    with blas_on_one_thread() if threads > 1 else contextlib.nullcontext():
+        return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device,
+                          block_elements=budget, segments=segments, loop=threaded_loop(threads))
 
 
 def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
@@ -221,7 +194,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
             dist = ctx.distances(b, zero_self=False)
             return carry + weighted_sums(dist, b), dist
 
-        wsum, kept = plan.sweep(loop, sums_kept, xp.zeros((n_segs,), dtype=dt, device=dev), xp, join=False)
+        wsum, kept = plan.sweep(loop, sums_kept, xp.zeros((n_segs,), dtype=dt, device=dev), xp, join=False,
+                                combine=_added)
         if len(kept) != plan.blocks():  # pieces that stack several blocks (lax.scan): join them
             kept = _joined(kept, 0, xp)
     else:
@@ -234,16 +208,21 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                 col_min = xp.minimum(carry[1], xp.min(masked, axis=-2))
                 return (carry[0] + weighted_sums(dist, b), col_min), None
 
-            no_min, mins = xp.full((1, j), xp.inf, dtype=dt, device=dev), []
+            def sum_and_minimum(c1, c2):
+                return c1[0] + c2[0], xp.minimum(c1[1], c2[1])
+
+            no_sum, no_min, mins = wsum, xp.full((1, j), xp.inf, dtype=dt, device=dev), []
             for p in range(n_probs):
-                (wsum, m), _ = plan.sweep(loop, sum_and_min, (wsum, no_min), xp, [p])
+                (sums_p, m), _ = plan.sweep(loop, sum_and_min, (no_sum, no_min), xp, [p],
+                                            combine=sum_and_minimum)
+                wsum = wsum + sums_p
                 mins.append(m)
             col_min = xp.concat(mins, axis=0)  # [L, J]
         else:
             def sums(carry, b):
                 return carry + weighted_sums(ctx.distances(b, zero_self=plan.rows_split), b), None
 
-            wsum, _ = plan.sweep(loop, sums, wsum, xp)
+            wsum, _ = plan.sweep(loop, sums, wsum, xp, combine=_added)
     w_total = n * ctx.run_sums(xp.sum(w, axis=-1))
     scale, unit, s = feature_scale(wsum, w_total, d_feat, opts, xp)  # each [G] (s: 1.0 without normalize)
     # Distances stay in input units: the self penalty (SELF_PENALTY in units of S) is converted to
@@ -263,8 +242,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
             return col_sq + xp.sum(g * g, axis=-2, keepdims=True), None
 
         zeros = xp.zeros((1, n_taus, 1, j), dtype=dt, device=dev)
-        col_sq = xp.concat([plan.sweep(loop, sum_of_squares, zeros, xp, [p])[0] for p in range(n_probs)],
-                           axis=0)
+        col_sq = xp.concat([plan.sweep(loop, sum_of_squares, zeros, xp, [p], combine=_added)[0]
+                            for p in range(n_probs)], axis=0)
         col_stats = (col_min, col_sq)
 
     # F's coefficients C (F = C @ y) are kept instead of F where F is large and C smaller: the
@@ -291,7 +270,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     ctx.inv_feature_scale = ctx.per_problem(1.0 / s, 4)
     # F / s as pieces [p, T, N, D] along the problems (or their coefficients [p, T, N, J]): combined
     # over tau piece by piece below, so only V (a third of F's size for three temperatures) is joined.
-    (sq, neighbours), pieces = plan.sweep(loop, drift, (zeros, zeros), xp, join=False)
+    (sq, neighbours), pieces = plan.sweep(loop, drift, (zeros, zeros), xp, join=False, combine=_added)
 
     # lambda_tau of each segment from its mean of F_tau^2, then V = sum_tau F_tau / lambda_tau.
     counts_nd = constant(xp, [[float(c * n * d_feat)] for c in counts], dt, dev)  # [G, 1]
@@ -380,27 +359,37 @@ class _Plan:
         self.single = self.problems == n_probs and not self.rows_split
 
     def sweep(self, loop: BlockLoop, body: Callable[[Any, _Block], tuple[Any, Any]], carry: Any, xp: Any,
-              problems: list[int] | None = None, join: bool = True) -> tuple[Any, Any]:
+              problems: list[int] | None = None, join: bool = True,
+              combine: Callable[[Any, Any], Any] | None = None) -> tuple[Any, Any]:
         """body(carry, block) -> (carry, piece [p, ...rows...] or None) over the blocks, in order.
 
         ``problems``: sweep only these (rows split). Returns the last carry and the pieces joined
         along problems and rows, e.g. into [L, T, N, D] (None if there were none); join=False: the
         list of pieces, in order, that would be joined along the problems axis (no copy).
+        ``combine``: merges two carries, the given carry being its identity (zeros for sums); the loop
+        may then run blocks on separate threads (``BlockLoop.run``).
         """
+        identity = carry
+
+        def run(block_at, starts, axis):
+            nonlocal carry
+            if combine is None:  # in order, the carry chained through every block
+                carry, got = loop.run(block_at, carry, starts, axis)
+            else:  # each run of blocks from the identity, merged into the carry so far
+                got_carry, got = loop.run(block_at, identity, starts, axis, combine)
+                carry = combine(carry, got_carry)
+            return got
+
         if not self.rows_split:
             pieces = []
             for starts, size in _runs(self.n_probs, self.problems):
-                carry, got = loop.run(lambda c, s, size=size: body(c, _Block(s, size, 0, self.n)),
-                                      carry, starts, 0)
-                pieces += got
+                pieces += run(lambda c, s, size=size: body(c, _Block(s, size, 0, self.n)), starts, 0)
             return carry, (_joined(pieces, 0, xp) if join else pieces)
         per_problem = []
         for p in range(self.n_probs) if problems is None else problems:
             pieces = []
             for starts, size in _runs(self.n, self.rows):
-                carry, got = loop.run(lambda c, s, size=size, p=p: body(c, _Block(p, 1, s, size)),
-                                      carry, starts, 2)
-                pieces += got
+                pieces += run(lambda c, s, size=size, p=p: body(c, _Block(p, 1, s, size)), starts, 2)
             if pieces:
                 per_problem.append(_joined(pieces, -2, xp))
         return carry, (_joined(per_problem, 0, xp) if join else per_problem)
@@ -664,6 +653,11 @@ class _Context:
             f = f - ((a_ - r_) * common * s_neg * s_pos) * xp.expand_dims(xb, axis=1)
             coefficients_of_f = None
         return f, neighbours, coefficients_of_f
+
+
+def _added(c1: Any, c2: Any) -> Any:
+    """The sum of two carries: arrays, or tuples of them."""
+    return tuple(_added(a, b) for a, b in zip(c1, c2, strict=True)) if isinstance(c1, tuple) else c1 + c2
 
 
 def _scale(a: Any, factor: Any) -> Any:

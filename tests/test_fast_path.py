@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from backends import HOOKS_AT, B, driftloss_hooks, swap_hooks
 
 from driftloss import drifting_loss
 from driftloss._backends import backend_for
+from driftloss._block_loop import PYTHON_LOOP, BlockLoop, threaded_loop
 from driftloss._drift import DriftOptions
 from driftloss._drift import reference_drift as _reference_drift
 from driftloss._fast_drift import _neighbour_sums
@@ -229,6 +231,45 @@ def test_memory_is_bounded_by_the_block_when_rows_are_split(d):
     assert peak < 4 * 2**20, peak
 
 
+THREAD_CASES = [c for c in OPTION_GRID if c["affinity_floor"] == 0.0 and c["normalize"]]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_blocks_on_threads_equal_reference(case, threads):
+    """Blocks split across threads (NumPy's loop) give the reference's drift and statistics for every
+    block plan: whole problems (the distances kept or recomputed), rows split (column minima merged
+    across threads), and segments."""
+    x, pos, neg, w = _problem(12, lead=(2, 5), with_neg=case["with_neg"])
+    opts = _options(case, stats=True)
+    v_ref, s_ref, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    threaded, idents = threaded_loop(threads), set()
+
+    def run(body, carry, starts, axis, combine=None):  # the threaded loop, noting where blocks ran
+        def noted(c, start):
+            idents.add(threading.get_ident())
+            return body(c, start)
+        return threaded.run(noted, carry, starts, axis, combine)
+
+    loop = BlockLoop(run=run)
+    for block, keep in itertools.product(BLOCKS, (1 << 24, 0)):
+        v, s, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
+                              keep_elements=keep, loop=loop)
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, (block, keep)
+        assert float(s) == pytest.approx(float(s_ref), rel=1e-12)
+        for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
+            assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, (key, block, keep)
+    assert len(idents) >= 2  # the calling thread and the pool's
+    runs = [0, 1, 0, 2, 1, 2, 2, 0, 1, 1]  # segment of each of the 2*5 problems
+    for block in BLOCKS:
+        v_one, s_one, _ = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
+                                     segments=runs)
+        v, s, _ = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block,
+                             segments=runs, loop=loop)
+        assert _rel(B.to_numpy(v), B.to_numpy(v_one)) < 1e-12, block
+        assert _rel(B.to_numpy(s), B.to_numpy(s_one)) < 1e-12, block
+
+
 def test_cross_replica_sum_matches_reference():
     """Two identical replicas (sum = 2x) give the single-device drift on both paths."""
     x, pos, neg, w = _problem(3)
@@ -347,6 +388,33 @@ def test_cpu_block_budget(monkeypatch):
         monkeypatch.setattr(fast, "CPU_SPLIT_ELEMENTS", split)
         v, _, _ = compute(x, pos, neg, w, opts, **kw)
         assert budgets[-1] == expected
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
+
+
+def test_numpy_blocks_split_across_threads(monkeypatch):
+    """NumPy's hook splits the blocks of a call across DRIFTLOSS_NUM_THREADS threads, up to one
+    thread per cache budget of the call's entries; a smaller call runs on one thread."""
+    if B.name != "numpy":
+        pytest.skip("NumPy's hook (torch and JAX thread their own operations)")
+    fast = importlib.import_module(FAST)
+    x, pos, neg, w = _problem(7, lead=(2, 5))  # 10 problems x 7 rows x 16 columns x 1 tau: 1120 entries
+    opts = DriftOptions(taus=(0.05,))
+    loops = []
+
+    def spy(*args, loop, **kwargs):
+        loops.append(loop)
+        return _fast_drift(*args, loop=loop, **kwargs)
+
+    monkeypatch.setattr(fast, "fast_drift", spy)
+    v_ref, _, _ = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    # (threads asked, cache budget, threads used): 1120 // 448 = 2 threads at most, 1120 // 600 = 1.
+    for asked, cache, used in ((2, 448, 2), (3, 448, 2), (3, 224, 3), (1, 448, 1), (2, 600, 1)):
+        monkeypatch.setenv("DRIFTLOSS_NUM_THREADS", str(asked))
+        monkeypatch.setattr(fast, "CPU_CACHE_ELEMENTS", cache)
+        v, _, _ = fast.cpu_compute_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(),
+                                         device=backend_for(B.xp).device)
+        threads = 1 if loops[-1] is PYTHON_LOOP else loops[-1].run.keywords["threads"]
+        assert threads == used, (asked, cache)
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
 
 
