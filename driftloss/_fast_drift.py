@@ -30,7 +30,11 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
 - lambda_tau's sums of squares are taken per block, and only V, not F, is joined across blocks
   (each block's F is dropped once its part of V is made); where F is large and the kernel has fewer
   columns than the points have dimensions, the blocks keep F's coefficients [p, T, rows, J] instead
-  of F [p, T, rows, D], and V = (sum over tau of C / lambda) @ y takes one more product.
+  of F [p, T, rows, D], and V = (sum over tau of C / lambda) @ y takes one more product;
+- the statistics' effective neighbours (exp of each kernel row's entropy) come from b = K col_w,
+  which the drift product forms anyway, and log K in closed form (the exponents' arguments): one
+  product and one product-sum per block instead of a log pass (the log is taken with an affinity
+  floor, which has no closed form).
 
 Only the leading ``...`` dims are flattened to one problem axis L; nothing loops per problem.
 The problems may come in segments, each with its own S, s and lambda as if it were a call of its
@@ -586,29 +590,42 @@ class _Context:
         e = xp.expand_dims(dist, axis=1)  # [p, 1, rows, J]
         rate = self.of_block(self.rate, b)  # [p or 1, T, 1, 1]
         row_norm = col_f = None  # the row factor is 1 / row_norm
+        # log K = rate (row_min + col_min - times * e), for the statistics' entropies
+        row_min = col_min = None
+        times = 1.0
         if opts.kernel == "both":
-            h = xp.exp((xp.min(e, axis=-1, keepdims=True) - e) * rate)
+            row_min = xp.min(e, axis=-1, keepdims=True)  # [p, 1, rows, 1]
+            h = xp.exp((row_min - e) * rate)
             row_norm = xp.linalg.vector_norm(h, axis=-1, keepdims=True)
             if col_stats is None:
-                g = xp.exp((xp.min(e, axis=-2, keepdims=True) - e) * rate)
+                col_min = xp.min(e, axis=-2, keepdims=True)  # [p, 1, 1, J]
+                g = xp.exp((col_min - e) * rate)
                 # not vector_norm: torch's reduces across rows 13x slower than sum(g * g) on the CPU
                 col_f = 1.0 / xp.sqrt(xp.sum(g * g, axis=-2, keepdims=True))
             else:
-                col_min, col_sq = col_stats
-                g = self.column_factor_terms(dist, self.problems(col_min, b), b)
+                col_min, col_sq = self.problems(col_stats[0], b), col_stats[1]
+                g = self.column_factor_terms(dist, col_min, b)
+                col_min = xp.reshape(col_min, (b.problems, 1, 1, -1))
                 col_f = 1.0 / xp.sqrt(self.problems(col_sq, b))
-            k = h * g
+            k, times = h * g, 2.0
         elif opts.kernel == "y":
-            k = xp.exp((xp.min(e, axis=-1, keepdims=True) - e) * rate)
+            row_min = xp.min(e, axis=-1, keepdims=True)
+            k = xp.exp((row_min - e) * rate)
             row_norm = xp.sum(k, axis=-1, keepdims=True)
         else:
             k = xp.exp(-e * rate)
         w = xp.reshape(self.problems(self.w, b), (b.problems, 1, 1, -1))  # [p, 1, 1, J]
+        log_k = (row_min, col_min, times)
         if opts.affinity_floor > 0:  # the floor applies to the normalized A: form it, and use it as K
             a = _scale(k if row_norm is None else k / row_norm, col_f)
             k, row_norm, col_f = xp.clip(a, min=math.sqrt(opts.affinity_floor)), None, None
+            log_k = None  # no closed form: the entropies take the log of K col_w
         col_w = w if col_f is None else col_f * w  # [p, T or 1, 1, J]
         neighbours = None  # A w is K col_w scaled per row, so the entropies come from K col_w
+
+        def neighbour_sums(kw, total):
+            b_log_b = None if log_k is None else self.b_log_b(kw, total, e, rate, log_k, col_w)
+            return _neighbour_sums(kw, xp, total, b_log_b)
         nn, (pb, t, rows, j), d_feat = self.n_neg, k.shape, self.d_feat
         coefficients_of_f = None  # C with F = C @ y, where one product gives F
         xb, y3 = pts  # [p, rows, D], [p, J, D]
@@ -628,7 +645,7 @@ class _Context:
             s_neg = xp.sum(kw[..., :nn], axis=-1, keepdims=True)  # [p, T, rows, 1]
             s_pos = xp.sum(kw[..., nn:], axis=-1, keepdims=True)
             if opts.with_stats:
-                neighbours = _neighbour_sums(kw, xp, s_neg + s_pos)
+                neighbours = neighbour_sums(kw, s_neg + s_pos)
             c_pos, c_neg = coefficients(s_neg, s_pos)
             if j <= d_feat:  # the coefficients on the kernel side: one product gives F itself
                 signed = kw * xp.where(self.is_pos, c_pos, -c_neg)
@@ -646,13 +663,26 @@ class _Context:
             z_neg, z_pos = self.matmul(k_neg, yw[..., :nn, :]), self.matmul(k_pos, yw[..., nn:, :])
             s_neg, s_pos = self.matmul(k_neg, cw[..., :nn, :]), self.matmul(k_pos, cw[..., nn:, :])
             if opts.with_stats:
-                neighbours = _neighbour_sums(k * col_w, xp, s_neg + s_pos)
+                neighbours = neighbour_sums(k * col_w, s_neg + s_pos)
             c_pos, c_neg = coefficients(s_neg, s_pos)
             f = c_pos * z_pos - c_neg * z_neg
         if a_ != r_:
             f = f - ((a_ - r_) * common * s_neg * s_pos) * xp.expand_dims(xb, axis=1)
             coefficients_of_f = None
         return f, neighbours, coefficients_of_f
+
+
+    def b_log_b(self, kw: Any, total: Any, e: Any, rate: Any, log_k: tuple[Any, Any, float],
+                col_w: Any) -> Any:
+        """Sum over each row of b log b [p, T, rows, 1] for b = K col_w [p, T, rows, J] with row sums
+        ``total``, from log K = rate (row_min + col_min - times * e) (``log_k``; a min None: 0) and the
+        penalized distances e [p, 1, rows, J]: no log pass over the block. Where col_w is 0, b is 0."""
+        xp = self.xp
+        row_min, col_min, times = log_k
+        log_w = xp.log(xp.where(col_w > 0, col_w, 1.0))  # [p, T or 1, 1, J]
+        u = log_w if col_min is None else log_w + rate * col_min  # [p, T, 1, J]
+        s = self.matmul(kw, xp.matrix_transpose(u)) - (times * rate) * xp.sum(kw * e, axis=-1, keepdims=True)
+        return s if row_min is None else s + rate * row_min * total
 
 
 def _added(c1: Any, c2: Any) -> Any:
@@ -668,17 +698,19 @@ def _times(a: Any, number: float) -> Any:
     return a if number == 1 else number * a
 
 
-def _neighbour_sums(b: Any, xp: Any, total: Any) -> Any:
+def _neighbour_sums(b: Any, xp: Any, total: Any, b_log_b: Any = None) -> Any:
     """Sum over rows of exp(entropy of the row of B normalized to 1), per problem -> [p, T].
 
-    b [p, T, rows, J] >= 0, in any per-row scale; total [p, T, rows, 1] its row sums. Divided by the
-    number of rows this is ``effective_neighbours`` per tau. With B the row sum, entropy =
-    log B - sum(b log b) / B: no normalized copy of b, and one log pass.
+    b [p, T, rows, J] >= 0, in any per-row scale; total [p, T, rows, 1] its row sums; b_log_b
+    [p, T, rows, 1] the row sums of b log b where known (``_Context.b_log_b``), else taken here in
+    a log pass. Divided by the number of rows this is ``effective_neighbours`` per tau. With B the
+    row sum, entropy = log B - sum(b log b) / B: no normalized copy of b.
     """
-    # b log(b + tiny) is b log b for normal b and exactly 0 at b = 0 (0 log 0 = 0). Not vecdot, though
-    # NumPy's is 4x faster than this: array-api-compat makes torch's a batched [1, J] @ [J, 1] product
-    # (5x slower on the CPU, TF32 on a GPU where allowed).
-    b_log_b = xp.sum(b * xp.log(b + xp.finfo(b.dtype).smallest_normal), axis=-1)
-    total = total[..., 0]
+    if b_log_b is None:
+        # b log(b + tiny) is b log b for normal b and exactly 0 at b = 0 (0 log 0 = 0). Not vecdot:
+        # array-api-compat makes torch's a batched [1, J] @ [J, 1] product (5x slower on the CPU,
+        # TF32 on a GPU where allowed).
+        b_log_b = xp.sum(b * xp.log(b + xp.finfo(b.dtype).smallest_normal), axis=-1, keepdims=True)
+    b_log_b, total = b_log_b[..., 0], total[..., 0]
     safe = xp.where(total > 0, total, 1)  # an all-zero row counts 1 neighbour, as effective_neighbours
     return xp.sum(xp.exp(xp.log(safe) - b_log_b / safe), axis=2)

@@ -183,6 +183,25 @@ def test_neighbour_sums_equal_effective_neighbours_of_the_normalized_rows():
     np.testing.assert_allclose(sums(a[1:2, 2:3, :1])[0, 0], np.exp(-np.sum(nz * np.log(nz))), rtol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", ["both", "y", "none"])
+def test_stats_with_zero_weights_equal_reference(kernel):
+    """Columns of weight 0 (b = K w = 0 there, log w = -inf) leave the entropies of the statistics,
+    taken from log K in closed form, equal to the reference's, for every block plan."""
+    x, pos, neg, w = _problem(13, lead=(2, 3))
+    w_np = [B.to_numpy(a).copy() for a in w]
+    w_np[1][..., ::2] = 0.0  # every other negative
+    w_np[2][0, 1, :] = 0.0  # one problem's positives all
+    w = tuple(B.asarray(a) for a in w_np)
+    opts = DriftOptions(taus=(0.02, 0.05, 0.2), kernel=kernel, with_stats=True)
+    v_ref, _, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
+    for block in BLOCKS:
+        v, _, st = fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), block_elements=block)
+        assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10, block
+        for key in ("drift_rms", "neighbours"):
+            assert np.all(np.isfinite(B.to_numpy(st[key])))
+            assert _rel(B.to_numpy(st[key]), B.to_numpy(st_ref[key])) < 1e-10, (key, block)
+
+
 def test_blocked_equals_unblocked_with_coincident_points_and_one_sample():
     """Duplicated points (zero distances off the diagonal) and N = 1 with extra negatives.
 
