@@ -626,6 +626,7 @@ class _Context:
         def neighbour_sums(kw, total):
             b_log_b = None if log_k is None else self.b_log_b(kw, total, e, rate, log_k, col_w)
             return _neighbour_sums(kw, xp, total, b_log_b)
+
         nn, (pb, t, rows, j), d_feat = self.n_neg, k.shape, self.d_feat
         coefficients_of_f = None  # C with F = C @ y, where one product gives F
         xb, y3 = pts  # [p, rows, D], [p, J, D]
@@ -671,7 +672,6 @@ class _Context:
             coefficients_of_f = None
         return f, neighbours, coefficients_of_f
 
-
     def b_log_b(self, kw: Any, total: Any, e: Any, rate: Any, log_k: tuple[Any, Any, float],
                 col_w: Any) -> Any:
         """Sum over each row of b log b [p, T, rows, 1] for b = K col_w [p, T, rows, J] with row sums
@@ -680,7 +680,7 @@ class _Context:
         xp = self.xp
         row_min, col_min, times = log_k
         log_w = xp.log(xp.where(col_w > 0, col_w, 1.0))  # [p, T or 1, 1, J]
-        u = log_w if col_min is None else log_w + rate * col_min  # [p, T, 1, J]
+        u = log_w if col_min is None else log_w + rate * col_min  # [p, T or 1, 1, J]
         s = self.matmul(kw, xp.matrix_transpose(u)) - (times * rate) * xp.sum(kw * e, axis=-1, keepdims=True)
         return s if row_min is None else s + rate * row_min * total
 
