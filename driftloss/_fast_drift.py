@@ -77,7 +77,7 @@ CPU_SPLIT_ELEMENTS = 1 << 20
 def cpu_block_elements(x: Any, pos: Any, neg: Any, opts: DriftOptions, cache: int = CPU_CACHE_ELEMENTS,
                        block: int = CPU_BLOCK_ELEMENTS, split: int = CPU_SPLIT_ELEMENTS) -> int:
     """The block budget of ``fast_drift`` for eager CPU libraries (see CPU_CACHE_ELEMENTS)."""
-    per_problem = x.shape[-2] * _column_count(x, pos, neg, opts) * len(opts.taus)
+    per_problem = _kernel_entries(x, pos, neg, opts)
     if per_problem <= cache:
         return cache
     return per_problem if per_problem <= block else split
@@ -89,6 +89,11 @@ def wide_points_block_elements(x: Any, pos: Any, neg: Any, opts: DriftOptions, b
     wider than the columns (feature maps of thousands of channels)."""
     n_cols, d_feat = _column_count(x, pos, neg, opts), x.shape[-1]
     return budget if d_feat <= n_cols else max(1, budget * n_cols // d_feat)
+
+
+def _kernel_entries(x: Any, pos: Any, neg: Any, opts: DriftOptions) -> int:
+    """Entries of one problem's kernel over every temperature, [T, N, J]."""
+    return len(opts.taus) * x.shape[-2] * _column_count(x, pos, neg, opts)
 
 
 def _column_count(x: Any, pos: Any, neg: Any, opts: DriftOptions) -> int:
@@ -103,7 +108,7 @@ def cpu_compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any],
     blocks split across ``cpu_threads()`` threads (NumPy's elementwise ops use one core each)."""
     # Threads pay for themselves from a cache-sized block each (a b2-class call of 4 small problems
     # took 1.2 ms on one thread, 1.4 ms on two).
-    per_call = math.prod(x.shape[:-2]) * x.shape[-2] * _column_count(x, pos, neg, opts) * len(opts.taus)
+    per_call = math.prod(x.shape[:-2]) * _kernel_entries(x, pos, neg, opts)
     threads = max(1, min(cpu_threads(), per_call // CPU_CACHE_ELEMENTS))
     budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS, CPU_SPLIT_ELEMENTS)
     with blas_on_one_thread() if threads > 1 else contextlib.nullcontext():
