@@ -17,7 +17,7 @@ from typing import Any
 
 from driftloss._block_loop import BlockLoop
 from driftloss._drift import DriftOptions
-from driftloss._fast_drift import fast_drift
+from driftloss._fast_drift import fast_drift, wide_points_block_elements
 
 # Largest [problems, taus, rows, columns] temporary per block, in entries (float32: 4 bytes each).
 # CPU: 16 MiB blocks ran faster than 64 MiB ones under the scan on 2 cores (toy-large-64d 6.6 s vs
@@ -25,21 +25,45 @@ from driftloss._fast_drift import fast_drift
 # 8 MiB ones faster still on b2-class (per-group calls 0.49-0.56 s vs 0.60-0.65 s; drifting_loss_groups
 # 0.45-0.49 s vs 0.56-0.57 s, 4 MiB: 0.69-0.79 s), at about the same toy-large-64d (7.5-7.8 vs 7.3-7.6 s).
 CPU_BLOCK_ELEMENTS = 1 << 21
+# Accelerators: 256 MiB blocks, the drift's block [problems, T, rows, D] held to it too
+# (wide_points_block_elements), as torch's CUDA plan (adapters/torch_fast.py).
 ACCELERATOR_BLOCK_ELEMENTS = 1 << 26
 # The drift pass recomputes the distances rather than reading them back from the first pass: XLA fuses
 # the recomputation into the pass (b2-class, 2 cores: 0.97 s CPU time per step vs 1.03 s keeping them).
 KEEP_ELEMENTS = 0
-# The centred columns [L, J, D] made once, whatever their size (fast_drift's ``column_elements``):
-# XLA plans the buffers of the whole jitted step (per-block columns are measured only for torch).
-COLUMN_ELEMENTS = 1 << 62
-# F kept until lambda is known, whatever its size (fast_drift's ``drift_elements``): keeping the kernel's
-# coefficients instead, one more product, is measured only for torch so far.
-DRIFT_ELEMENTS = 1 << 62
+# fast_drift's ``column_elements``. CPU: the centred columns made per block (once where a problem's rows
+# are split): XLA's CPU scheduler runs a step's independent calls side by side, holding their columns
+# together. b2-class at width 0.025 plans 209 MiB of temporaries as one drifting_loss_groups instead of
+# 352 MiB with the columns [L, J, D] of each call made once (63 calls: 380 vs 527 MiB), at about the
+# same speed (2 cores, alternating processes: 1.47-1.48 s vs 1.50-2.01 s per step; 63 calls 1.61-1.64 s
+# vs 1.53-1.60 s; cifar-like, one block, unchanged). Accelerators: once up to 64 MiB, per block above,
+# as torch's plan. With this plan and the two settings below, b2-class at full width as one
+# drifting_loss_groups, compiled on the CPU with a memory-minimizing schedule (python -m
+# benchmarks.xla_plan), plans 5.9 GiB of temporaries; 8.8 GiB with whole columns, F always kept and
+# unbounded stacks (RESULTS.md, 2026-11-27).
+CPU_COLUMN_ELEMENTS = 0
+ACCELERATOR_COLUMN_ELEMENTS = 1 << 24
+# fast_drift's ``drift_elements``: F [L, T, N, D] kept until lambda is known, whatever its size, on the
+# CPU (the kernel's coefficients instead, one more product, are measured only for torch there); up to
+# 512 MiB on accelerators, as torch's plan (the coefficients [L, T, N, J] above, where J < D).
+CPU_DRIFT_ELEMENTS = 1 << 62
+ACCELERATOR_DRIFT_ELEMENTS = 1 << 27
+# Backend.stack_elements: drifting_loss_groups stacks the groups of one shape in runs of at most 512 MiB
+# of points (a larger group evaluated on its own), as torch's plan; the CPU rows of b2-class stay below.
+STACK_ELEMENTS = 1 << 27
 # Squared distances on the CPU always from the augmented product (fast_drift's ``augment``): there XLA
 # transposes the points for the plain product x . y^T (cifar-like, 2 cores: 7.3-7.7 ms per step vs
 # 6.2-6.4 ms). Elsewhere the default rule, which the wide feature maps of b2-class meet with the plain
 # product (its K = D + 2 also breaks the alignment of the points' rows).
 CPU_AUGMENT = True
+
+
+def block_plan(a: Any) -> str:
+    """The plan for a call on arrays like ``a`` (traced ones too): "cpu" or "accelerator", by JAX's
+    default backend. benchmarks/impls.py replaces it to measure the accelerator plan on the CPU."""
+    import jax
+
+    return "cpu" if jax.default_backend() == "cpu" else "accelerator"
 
 
 def _scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, starts: list[int], axis: int,
@@ -80,11 +104,12 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
                   segments: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """``driftloss._drift.compute_drift`` for JAX arrays (same arguments and results); ``segments``
     as ``fast_drift``'s."""
-    import jax
-
-    on_cpu = jax.default_backend() == "cpu"
-    return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device,
-                      block_elements=CPU_BLOCK_ELEMENTS if on_cpu else ACCELERATOR_BLOCK_ELEMENTS,
+    if block_plan(x) == "cpu":
+        return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device,
+                          block_elements=CPU_BLOCK_ELEMENTS, loop=SCAN_LOOP, segments=segments,
+                          keep_elements=KEEP_ELEMENTS, column_elements=CPU_COLUMN_ELEMENTS,
+                          augment=CPU_AUGMENT, drift_elements=CPU_DRIFT_ELEMENTS)
+    budget = wide_points_block_elements(x, pos, neg, opts, ACCELERATOR_BLOCK_ELEMENTS)
+    return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
                       loop=SCAN_LOOP, segments=segments, keep_elements=KEEP_ELEMENTS,
-                      column_elements=COLUMN_ELEMENTS, augment=CPU_AUGMENT if on_cpu else None,
-                      drift_elements=DRIFT_ELEMENTS)
+                      column_elements=ACCELERATOR_COLUMN_ELEMENTS, drift_elements=ACCELERATOR_DRIFT_ELEMENTS)

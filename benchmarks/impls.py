@@ -83,6 +83,8 @@ class Runner:
     sync: Callable[[Any], None]  # waits for the device
     to_numpy: Callable[[Any], tuple[float, list[np.ndarray]]]  # (loss, gradient per call)
     peak_bytes: int | None = None  # memory held for the step where it is set aside at setup (graphs)
+    # JAX: the compiled step's memory plan, (temporaries, outputs) in bytes, for XLA compiler options
+    xla_plan: Callable[[dict | None], tuple[int, int]] | None = None
 
 
 @contextlib.contextmanager
@@ -113,12 +115,14 @@ def fast_path(adapter: str, enabled: bool, fused: bool | None = None, shared: bo
 
 @contextlib.contextmanager
 def accelerator_plan():
-    """torch's blocked path planned as on CUDA (blocks of CUDA_BLOCK_ELEMENTS, the groups of one shape
-    in one evaluation) whatever the device: its memory and operator counts measured on the CPU."""
-    from driftloss.adapters import torch_fast
+    """torch's and JAX's blocked paths planned as on a GPU (blocks of CUDA_BLOCK_ELEMENTS /
+    ACCELERATOR_BLOCK_ELEMENTS, the groups of one shape in one evaluation) whatever the device: their
+    memory and torch's operator counts measured on the CPU."""
+    from driftloss.adapters import jax_fast, torch_fast
 
-    with mock.patch.object(torch_fast, "block_plan", lambda a: "accelerator"), fast_path("torch", True,
-                                                                                         shared=True):
+    with (mock.patch.object(torch_fast, "block_plan", lambda a: "accelerator"),
+          mock.patch.object(jax_fast, "block_plan", lambda a: "accelerator"),
+          fast_path("torch", True, shared=True)):
         yield
 
 
@@ -344,7 +348,12 @@ def _jax(scen: Scenario, groups: bool = False) -> Runner:
         loss, grads = out
         return float(loss), [np.asarray(g, dtype=np.float64) for g in grads]
 
-    return Runner(lambda: f(xs, poss, negs), lambda out: jax.block_until_ready(out), to_numpy)
+    def xla_plan(options=None):
+        memory = f.lower(xs, poss, negs).compile(options).memory_analysis()
+        return memory.temp_size_in_bytes, memory.output_size_in_bytes
+
+    return Runner(lambda: f(xs, poss, negs), lambda out: jax.block_until_ready(out), to_numpy,
+                  xla_plan=xla_plan)
 
 
 def _numpy(scen: Scenario, dtype, blocked: bool = False) -> Runner:

@@ -56,9 +56,10 @@ def parse(argv):
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU timings with glibc keeping freed memory for reuse (as jemalloc/tcmalloc or "
                         "MALLOC_MMAP_THRESHOLD_ would): large temporaries are not page-faulted afresh")
-    p.add_argument("--torch-plan", choices=("device", "accelerator"), default="device",
-                   help="accelerator: torch's blocked path planned as on CUDA whatever the device (its "
-                        "memory measured on the CPU); device: as the device plans it")
+    p.add_argument("--plan", "--torch-plan", dest="plan", choices=("device", "accelerator"), default="device",
+                   help="accelerator: torch's and JAX's blocked paths planned as on a GPU whatever the "
+                        "device (their memory measured on the CPU; benchmarks.xla_plan gives JAX's plan "
+                        "without running it); device: as the device plans it")
     p.add_argument("--probe-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.width_scale is None:
@@ -100,9 +101,10 @@ def run_one(impl, scen, args, ref):
         del runner, out, result  # the fresh process needs the memory (full-width b2-class: ~10 GB each)
         _free_device_memory(args.device)
         mem = measure.peak_memory_subprocess(scen.name, impl, args.device, args.width_scale,
-                                             ["--torch-plan", args.torch_plan])
+                                             ["--plan", args.plan])
         row["peak"] = mem.get("peak")
         row["tracemalloc_peak"] = mem.get("tracemalloc_peak")
+        row["rss_peak"] = mem.get("rss_peak")
         if "error" in mem:
             row["memory_error"] = mem["error"]
     return row
@@ -124,6 +126,8 @@ def table(rows):
             mem += f" ({_fmt_bytes(max(0, r['peak'] - r['grad_bytes']))} besides the gradient)"
         if r.get("tracemalloc_peak"):
             mem += f" (tracemalloc {_fmt_bytes(r['tracemalloc_peak'])})"
+        if r.get("rss_peak") is not None:
+            mem += f" (XLA plan; resident set growth {_fmt_bytes(r['rss_peak'])})"
         err = (f"{r['err_loss']:.1e} | {r['err_grad']:.1e}" if "err_loss" in r else "— | —")
         timing = f"{r['median']:.4f} ({min(t):.4f}–{max(t):.4f})"
         lines.append(f"| {r['scenario']} | {r['impl']} | {timing} | {speed} | {r['tflops']:.4f} | {mem} "
@@ -143,8 +147,9 @@ def header(args, info, scens):
         f"- versions: python {info['python']}, numpy {v['numpy']}, torch {v['torch']}, jax {v['jax']}, "
         f"driftloss {v['driftloss']}",
         f"- repeats: median of {args.repeats} after one warm-up; b2-class width scale {args.width_scale:g}",
-        "- torch plan: " + ("as on CUDA (--torch-plan accelerator: blocks of CUDA_BLOCK_ELEMENTS, the groups "
-                            "of one shape in one evaluation)" if args.torch_plan == "accelerator"
+        "- plan: " + ("as on a GPU (--plan accelerator: torch's blocks of CUDA_BLOCK_ELEMENTS, JAX's of "
+                      "ACCELERATOR_BLOCK_ELEMENTS, the groups of one shape in one evaluation)"
+                      if args.plan == "accelerator"
                             else "the device's"),
         "- allocator: " + ("glibc keeping freed memory (mallopt: mmap threshold 256 MiB, trim threshold "
                            "1 GiB)" if args.keep_freed_memory else "glibc defaults"),
@@ -152,7 +157,8 @@ def header(args, info, scens):
         "one drift product per τ; = 8·N·J·C): " + ", ".join(f"{s.name} {s.useful_flop() / 1e9:.1f} GFLOP "
                                                             f"({s.problems()} problems)" for s in scens),
         "- peak memory: CPU = growth of the resident set during one warm step in a fresh process "
-        "(glibc mmap threshold pinned at 128 KiB, VmHWM reset via /proc/self/clear_refs); "
+        "(glibc mmap threshold pinned at 128 KiB, VmHWM reset via /proc/self/clear_refs), JAX: XLA's plan of "
+        "the compiled step (temporaries + outputs), whose temporaries are mapped afresh each step; "
         "CUDA = torch.cuda.max_memory_allocated above the inputs during one step, which includes the "
         "float32 gradient of x (shown apart) / JAX peak_bytes_in_use (process-wide, inputs included)",
         "- errors: relative to the core in float64 on " + ("torch CUDA" if args.device == "cuda" else "NumPy")
@@ -174,7 +180,7 @@ def _free_device_memory(device: str) -> None:
 def main(argv=None):
     args = parse(argv)
     started = time.monotonic()
-    with impls.accelerator_plan() if args.torch_plan == "accelerator" else contextlib.nullcontext():
+    with impls.accelerator_plan() if args.plan == "accelerator" else contextlib.nullcontext():
         _run(args, started)
 
 

@@ -437,28 +437,44 @@ def test_numpy_blocks_split_across_threads(monkeypatch):
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
 
 
-def test_accelerator_budget_holds_the_drift_block_to_it(monkeypatch):
-    """On torch's accelerator plan the budget bounds [problems, T, rows, J] and, for points wider than
-    the J columns, [problems, T, rows, D] too: scaled by J / D."""
-    if B.name != "torch":
-        pytest.skip("torch's accelerator plan")
+# The accelerator plan's settings, per backend: (block budget, columns made once, F kept).
+ACCELERATOR_SETTINGS = {"torch": ("CUDA_BLOCK_ELEMENTS", "COLUMN_ELEMENTS", "DRIFT_ELEMENTS"),
+                        "jax": ("ACCELERATOR_BLOCK_ELEMENTS", "ACCELERATOR_COLUMN_ELEMENTS",
+                                "ACCELERATOR_DRIFT_ELEMENTS")}
+
+
+@pytest.mark.parametrize("per_block", [False, True], ids=["whole-columns", "per-block-columns"])
+def test_accelerator_plan_equals_reference(monkeypatch, per_block):
+    """On the accelerator plan (torch on CUDA, JAX on GPUs and TPUs; forced here on the CPU) the budget
+    bounds [problems, T, rows, J] and, for points wider than the J columns, [problems, T, rows, D]
+    too: scaled by J / D. With small thresholds the centred columns are made per block and the kernel's
+    coefficients kept in place of F (for D > J); the drift equals the reference either way."""
+    if B.name not in ACCELERATOR_SETTINGS:
+        pytest.skip(f"{B.name} has no accelerator plan")
     fast = importlib.import_module(FAST)
-    opts = DriftOptions(taus=(0.05,))
+    opts = DriftOptions(taus=(0.05, 0.2))
     kw = dict(xp=B.xp, matmul=_matmul(), device=backend_for(B.xp).device)
-    budgets = []
+    budgets, calls = [], []
 
     def spy(*args, block_elements, **kwargs):
         budgets.append(block_elements)
+        calls.append(kwargs)
         return _fast_drift(*args, block_elements=block_elements, **kwargs)
 
+    block, columns, drift = ACCELERATOR_SETTINGS[B.name]
     monkeypatch.setattr(fast, "fast_drift", spy)
     monkeypatch.setattr(fast, "block_plan", lambda a: "accelerator")
-    monkeypatch.setattr(fast, "CUDA_BLOCK_ELEMENTS", 1000)
-    for d, expected in ((3, 1000), (16, 1000), (32, 500), (40, 400)):  # J = 7 + 4 + 5 = 16 columns
+    monkeypatch.setattr(fast, block, 2000)
+    if per_block:
+        monkeypatch.setattr(fast, columns, 0)
+        monkeypatch.setattr(fast, drift, 0)
+    for d, expected in ((3, 2000), (16, 2000), (32, 1000), (40, 800)):  # J = 7 + 4 + 5 = 16 columns
         x, pos, neg, w = _problem(7, d=d)
         v_ref, _, _ = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=kw["matmul"])
         v, _, _ = fast.compute_drift(x, pos, neg, w, opts, **kw)
         assert budgets[-1] == expected
+        assert (calls[-1]["column_elements"], calls[-1]["drift_elements"]) == (
+            (0, 0) if per_block else (getattr(fast, columns), getattr(fast, drift)))
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
 
 
