@@ -149,8 +149,7 @@ def header(args, info, scens):
         f"- repeats: median of {args.repeats} after one warm-up; b2-class width scale {args.width_scale:g}",
         "- plan: " + ("as on a GPU (--plan accelerator: torch's blocks of CUDA_BLOCK_ELEMENTS, JAX's of "
                       "ACCELERATOR_BLOCK_ELEMENTS, the groups of one shape in one evaluation)"
-                      if args.plan == "accelerator"
-                            else "the device's"),
+                      if args.plan == "accelerator" else "the device's"),
         "- allocator: " + ("glibc keeping freed memory (mallopt: mmap threshold 256 MiB, trim threshold "
                            "1 GiB)" if args.keep_freed_memory else "glibc defaults"),
         "- useful FLOP = sum over problems of 2·N·J·C·(1 + T), J = N + M + P, T = 3 (distance product + "
