@@ -25,9 +25,11 @@ from driftloss._fast_drift import fast_drift, wide_points_block_elements
 # 8 MiB ones faster still on b2-class (per-group calls 0.49-0.56 s vs 0.60-0.65 s; drifting_loss_groups
 # 0.45-0.49 s vs 0.56-0.57 s, 4 MiB: 0.69-0.79 s), at about the same toy-large-64d (7.5-7.8 vs 7.3-7.6 s).
 CPU_BLOCK_ELEMENTS = 1 << 21
-# Accelerators: 256 MiB blocks, the drift's block [problems, T, rows, D] held to it too
-# (wide_points_block_elements), as torch's CUDA plan (adapters/torch_fast.py).
-ACCELERATOR_BLOCK_ELEMENTS = 1 << 26
+# Accelerators: 64 MiB blocks, the drift's block [problems, T, rows, D] held to it too
+# (wide_points_block_elements). The 1,024-problem call of b2-class at full width (32x32 map, C = 640),
+# its loss and gradient compiled on the CPU with the accelerator plan: 908 / 805 / 982 MiB of XLA
+# temporaries with 64 / 128 / 256 MiB blocks keeping F; 359 / 567 / 816 MiB keeping the coefficients.
+ACCELERATOR_BLOCK_ELEMENTS = 1 << 24
 # The drift pass recomputes the distances rather than reading them back from the first pass: XLA fuses
 # the recomputation into the pass (b2-class, 2 cores: 0.97 s CPU time per step vs 1.03 s keeping them).
 KEEP_ELEMENTS = 0
@@ -37,17 +39,14 @@ KEEP_ELEMENTS = 0
 # 352 MiB with the columns [L, J, D] of each call made once (63 calls: 380 vs 527 MiB), at about the
 # same speed (2 cores, alternating processes: 1.47-1.48 s vs 1.50-2.01 s per step; 63 calls 1.61-1.64 s
 # vs 1.53-1.60 s; cifar-like, one block, unchanged). Accelerators: once up to 64 MiB, per block above,
-# as torch's plan. With this plan and the two settings below, b2-class at full width as one
-# drifting_loss_groups, compiled on the CPU with a memory-minimizing schedule (python -m
-# benchmarks.xla_plan), plans 5.9 GiB of temporaries; 8.8 GiB with whole columns, F always kept and
-# unbounded stacks (RESULTS.md, 2026-11-27).
+# as torch's plan (RESULTS.md, 2026-11-27: what b2-class at full width plans with each change).
 CPU_COLUMN_ELEMENTS = 0
 ACCELERATOR_COLUMN_ELEMENTS = 1 << 24
 # fast_drift's ``drift_elements``: F [L, T, N, D] kept until lambda is known, whatever its size, on the
-# CPU (the kernel's coefficients instead, one more product, are measured only for torch there); up to
-# 512 MiB on accelerators, as torch's plan (the coefficients [L, T, N, J] above, where J < D).
+# CPU (the kernel's coefficients instead, one more product, are measured only for torch there); on
+# accelerators the coefficients [L, T, N, J] wherever J < D (see ACCELERATOR_BLOCK_ELEMENTS).
 CPU_DRIFT_ELEMENTS = 1 << 62
-ACCELERATOR_DRIFT_ELEMENTS = 1 << 27
+ACCELERATOR_DRIFT_ELEMENTS = 0
 # Backend.stack_elements: drifting_loss_groups stacks the groups of one shape in runs of at most 512 MiB
 # of points (a larger group evaluated on its own), as torch's plan; the CPU rows of b2-class stay below.
 STACK_ELEMENTS = 1 << 27
@@ -96,20 +95,42 @@ def _take(a: Any, start: Any, size: int, axis: int) -> Any:
     return jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)
 
 
+def after(a: Any, dep: Any) -> Any:
+    """``BlockLoop.after`` of the accelerator plan: a + 0 * (whether dep's sum is NaN), which is exactly
+    a, but a data dependency that XLA keeps: it does not fold a float product with 0, while
+    ``lax.optimization_barrier`` is gone before its common-subexpression pass and its scheduling
+    (XLA CPU). ``dep``: an array or a tuple of them; no gradient flows to it."""
+    import jax
+    import jax.numpy as jnp
+
+    total = sum(jnp.sum(jax.lax.stop_gradient(d)) for d in jax.tree.leaves(dep))
+    return a + jnp.isnan(total).astype(a.dtype) * 0
+
+
+def groups_after(a: Any, dep: Any) -> Any:
+    """``Backend.after``: ``after`` on the accelerator plan; on the CPU, ``a`` as it is (XLA's CPU
+    scheduler overlapping calls on two cores; ordering them is not measured to cost nothing there)."""
+    return a if block_plan(a) == "cpu" else after(a, dep)
+
+
+# The CPU plan's loop leaves XLA free to order blocks; the accelerator plan's orders them (``after``).
+# b2-class at width 0.025, 2 cores, alternating runs of 5 steps: 63 calls ordered 1.48 / 1.82 s per
+# step against 1.34 / 1.40 s unordered; drifting_loss_groups 1.54 / 1.81 s against 1.52 / 1.70 s.
 SCAN_LOOP = BlockLoop(run=_scan, take=_take)
+ORDERED_SCAN_LOOP = BlockLoop(run=_scan, take=_take, after=after)
 
 
 def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
                   *, xp: Any, matmul: Any, device: Any,
-                  segments: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+                  segments: Any = None, after: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """``driftloss._drift.compute_drift`` for JAX arrays (same arguments and results); ``segments``
-    as ``fast_drift``'s."""
+    and ``after`` as ``fast_drift``'s."""
     if block_plan(x) == "cpu":
         return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device,
-                          block_elements=CPU_BLOCK_ELEMENTS, loop=SCAN_LOOP, segments=segments,
+                          block_elements=CPU_BLOCK_ELEMENTS, loop=SCAN_LOOP, segments=segments, after=after,
                           keep_elements=KEEP_ELEMENTS, column_elements=CPU_COLUMN_ELEMENTS,
                           augment=CPU_AUGMENT, drift_elements=CPU_DRIFT_ELEMENTS)
     budget = wide_points_block_elements(x, pos, neg, opts, ACCELERATOR_BLOCK_ELEMENTS)
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
-                      loop=SCAN_LOOP, segments=segments, keep_elements=KEEP_ELEMENTS,
+                      loop=ORDERED_SCAN_LOOP, segments=segments, after=after, keep_elements=KEEP_ELEMENTS,
                       column_elements=ACCELERATOR_COLUMN_ELEMENTS, drift_elements=ACCELERATOR_DRIFT_ELEMENTS)

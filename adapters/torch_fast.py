@@ -94,9 +94,9 @@ def block_plan(a: Any) -> str:
 
 def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
                   *, xp: Any, matmul: Any, device: Any,
-                  segments: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+                  segments: Any = None, after: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """``driftloss._drift.compute_drift`` for torch tensors (same arguments and results); ``segments``
-    as ``fast_drift``'s."""
+    and ``after`` as ``fast_drift``'s."""
     if block_plan(x) == "cpu":
         budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS,
                                     CPU_SPLIT_ELEMENTS)
@@ -106,5 +106,5 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
         if x.device.type == "cuda" and not torch.compiler.is_compiling():
             matmul = torch_tf32.products(CUDA_PRODUCTS, matmul)
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
-                      segments=segments, column_elements=COLUMN_ELEMENTS, augment=AUGMENT,
+                      segments=segments, after=after, column_elements=COLUMN_ELEMENTS, augment=AUGMENT,
                       constant=device_constant, drift_elements=DRIFT_ELEMENTS)

@@ -45,6 +45,10 @@ class Backend:
     fused_loss            -> fused_loss(calls, opts, reduction): the summed loss of several validated
                              drifting_loss calls, each (x, pos, neg, (x_w, neg_w, pos_w)) with raw
                              weights, as one differentiable array (torch on CUDA); or None to decline
+    after(a, dep)         -> a, made to wait for the arrays ``dep`` (no gradient flows to them), or
+                             None where operations run in the order they are called (eager
+                             libraries); JAX: XLA would otherwise run independent work side by side,
+                             holding the temporaries of all of it at once
     constant(xp, values, dtype, device) -> an array of Python numbers (nested lists) on device;
                              torch caches those on accelerators, where making one is a host-to-device
                              copy that waits for the queued work and that a CUDA graph cannot capture
@@ -69,6 +73,7 @@ class Backend:
     share_groups: Callable[[Any], bool] = lambda a: False
     stack_elements: int | None = None
     constant: Callable[[Any, Any, Any, Any], Any] = asarray_constant
+    after: Callable[[Any, Any], Any] | None = None
 
 
 def _numpy_compute_drift(*args: Any, **kwargs: Any) -> Any:

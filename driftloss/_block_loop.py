@@ -51,10 +51,16 @@ class BlockLoop:
     of blocks: a loop may then chain runs of blocks separately, each from the given carry, which must
     be combine's identity (zeros for sums). take(a, start, size, axis) is a[start:start + size] along
     ``axis`` for a ``start`` that ``run`` passes to ``body`` (a traced index under JAX's lax.scan).
+    after(a, dep) -> a, made to wait for ``dep`` (arrays), or None where the library runs operations
+    in the order they are called (eager ones). A compiler (XLA) otherwise orders them as it likes:
+    it may run independent blocks and passes side by side, holding their temporaries together, and
+    merge a later pass's recomputation of a block's points with an earlier pass's, keeping them alive
+    in between (adapters/jax_fast.py).
     """
 
     run: Callable[..., tuple[Any, list[Any]]] = _python_run
     take: Callable[[Any, Any, int, int], Any] = _python_take
+    after: Callable[[Any, Any], Any] | None = None
 
 
 PYTHON_LOOP = BlockLoop()

@@ -31,11 +31,15 @@ class DriftOptions:
 
 
 def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
-                  *, xp: Any, matmul: Any, device: Any) -> tuple[Any, Any, dict[str, Any]]:
-    """``reference_drift``, or the backend's faster equivalent when it has one (torch, JAX)."""
+                  *, xp: Any, matmul: Any, device: Any, after: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """``reference_drift``, or the backend's faster equivalent when it has one (torch, JAX).
+
+    ``after``: arrays (no gradient) that the fast drift's work waits for where a compiler would
+    otherwise order it freely (``fast_drift``'s); None, or ignored, elsewhere."""
     fast = backend_for(xp).compute_drift
     if fast is not None:
-        out = fast(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device)
+        out = fast(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device,
+                   **({} if after is None else {"after": after}))
         if out is not None:
             return out
     return reference_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device)

@@ -103,9 +103,11 @@ def _column_count(x: Any, pos: Any, neg: Any, opts: DriftOptions) -> int:
 
 def cpu_compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
                       *, xp: Any, matmul: Callable[[Any, Any], Any], device: Callable[[Any], Any],
-                      segments: Sequence[int] | None = None) -> tuple[Any, Any, dict[str, Any]]:
+                      segments: Sequence[int] | None = None,
+                      after: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` on the CPU (NumPy's hook): ``fast_drift`` with ``cpu_block_elements``, its
-    blocks split across ``cpu_threads()`` threads (NumPy's elementwise ops use one core each)."""
+    blocks split across ``cpu_threads()`` threads (NumPy's elementwise ops use one core each);
+    ``after`` is ignored (NumPy runs operations in call order)."""
     # Threads pay for themselves from a cache-sized block each (a b2-class call of 4 small problems
     # took 1.2 ms on one thread, 1.4 ms on two).
     per_call = math.prod(x.shape[:-2]) * _kernel_entries(x, pos, neg, opts)
@@ -113,7 +115,7 @@ def cpu_compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any],
     budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS, CPU_SPLIT_ELEMENTS)
     with blas_on_one_thread() if threads > 1 else contextlib.nullcontext():
         return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device,
-                          block_elements=budget, segments=segments, loop=threaded_loop(threads))
+                          block_elements=budget, segments=segments, loop=threaded_loop(threads), after=after)
 
 
 def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,
@@ -126,7 +128,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                column_elements: int = DEFAULT_KEEP_ELEMENTS,
                augment: bool | None = None,
                constant: Callable[..., Any] = asarray_constant,
-               drift_elements: int = DEFAULT_KEEP_ELEMENTS) -> tuple[Any, Any, dict[str, Any]]:
+               drift_elements: int = DEFAULT_KEEP_ELEMENTS,
+               after: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` (same arguments and results) by blocks of at most ``block_elements`` entries.
 
     x [..., N, D], pos [..., P, D], neg [..., M, D] or None; weights (x_w [..., N], neg_w [..., M]
@@ -146,6 +149,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     many entries; above, where the kernel's coefficients [L, T, N, J] are smaller (J < D, wide
     features) and give F in one product, those are kept instead and V made from them by one more
     product (a third of the drift's for three temperatures) in place of the sum over F.
+    ``after``: arrays that the call's work waits for, where ``loop.after`` orders work (XLA; the
+    evaluations of ``drifting_loss_groups`` one after another); ignored by loops without it.
     Returns (V [..., N, D], s, stats) as ``compute_drift``; with segments, s and the stats carry a
     leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T]).
     """
@@ -163,21 +168,30 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     # The centred columns [L, J, D] are made once where they fit column_elements (or a problem's rows
     # are split: few, large problems), else block by block: on the GPU plan they would be the largest
     # arrays of the call (b2-class: 1.8 GiB for one shape's groups).
+    # Where the loop orders work, all of it is made from the points plus a zero that waits for
+    # ``after`` (BlockLoop.after), added where they are read.
+    zero = None
+    if after is not None and loop.after is not None:
+        zero = loop.after(xp.zeros((), dtype=x.dtype, device=device(x)), after)
+    parts = cols if zero is None else [c + zero for c in cols]
     if plan.rows_split or n_probs * j * d_feat <= column_elements:
-        yc = xp.concat(cols, axis=-2)
+        yc = xp.concat(parts, axis=-2)
         centre = xp.mean(yc, axis=-2, keepdims=True)
         yc -= centre  # in place in a fresh concat; x's centred rows are a view of it where x is a column
         xc = yc[:, :n, :] if opts.x_as_negatives else x - centre
     else:
-        centre = xp.sum(cols[0], axis=-2, keepdims=True)
-        for c in cols[1:]:
+        centre = xp.sum(parts[0], axis=-2, keepdims=True)
+        for c in parts[1:]:
             centre = centre + xp.sum(c, axis=-2, keepdims=True)
         centre, xc, yc = centre / j, None, None
+    del parts
     ctx = _Context(x=x, cols=cols, centre=centre, xc=xc, yc=yc, w=w, n_neg=n_neg, opts=opts, xp=xp,
-                   matmul=matmul, device=device(x), take=loop.take, runs=runs, augment=augment,
-                   constant=constant)
+                   matmul=matmul, device=device(x), loop=loop, runs=runs, augment=augment,
+                   constant=constant, zero=zero)
     if opts.x_as_negatives and not plan.rows_split:  # made once here, not inside a traced loop body
         ctx.whole_rows_mask = ctx.self_pairs(n, 0)
+    if loop.after is not None:  # each run of blocks starts once the previous one's sums are made
+        plan.before_run = ctx.wait_for
     dt, dev = x.dtype, device(x)
 
     # Pass 1: S per segment (and, when rows are split, each column's smallest distance to a row
@@ -240,6 +254,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     if opts.normalize:
         ctx.rate = ctx.rate / ctx.per_problem(unit, 4)  # [L or 1, T, 1, 1]
 
+    ctx.wait_for(wsum)  # the next pass makes its blocks' points again, once S is known
     # Pass 2 (rows split, "both" kernel only): column sums of g^2 per temperature, [L, T, 1, J].
     col_stats = None
     if col_min is not None:
@@ -254,6 +269,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         col_sq = xp.concat([plan.sweep(loop, sum_of_squares, zeros, xp, [p], combine=_added)[0]
                             for p in range(n_probs)], axis=0)
         col_stats = (col_min, col_sq)
+        ctx.wait_for(col_sq)
 
     # F's coefficients C (F = C @ y) are kept instead of F where F is large and C smaller: the
     # one-product branch of block_drift (block rows and J at most D, attraction = repulsion).
@@ -291,22 +307,35 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     if opts.normalize:
         rms = xp.sqrt(xp.clip(ms, min=RMS_FLOOR_SQ))  # [G, T]
         inv_rms = xp.reshape(ctx.per_problem(1.0 / rms, 2), (-1, 1, n_taus))  # [L or 1, 1, T]
-    v_pieces, p0 = [], 0
-    pieces.reverse()
-    while pieces:  # each piece of F is dropped once its part of V is made: F and V are not both whole
-        f = pieces.pop()
-        n_p, width = f.shape[0], f.shape[-1]  # width: D, or J for kept coefficients
+
+    def v_of(f, p0):
+        """V [p, N, D] of problems p0.. from their F / s [p, T, N, D] (or F's coefficients [p, T, N, J])."""
+        n_p, width = f.shape[0], f.shape[-1]
         if opts.normalize:  # the sum over tau as one product [p, 1, T] @ [p, T, N * width]: one pass
-            inv = inv_rms if inv_rms.shape[0] == 1 else inv_rms[p0:p0 + n_p, ...]
+            inv = inv_rms if inv_rms.shape[0] == 1 else ctx.take(inv_rms, p0, n_p, 0)
             summed = ctx.matmul(inv, xp.reshape(f, (n_p, n_taus, n * width)))[:, 0, :]  # [p, N * width]
             summed = xp.reshape(summed, (n_p, n, width))
         else:
             summed = xp.sum(f, axis=1)
-        del f
-        if keep_coefficients:  # V = (sum over tau of C / lambda) @ y, y the piece's centred columns
+        if keep_coefficients:  # V = (sum over tau of C / lambda) @ y, y the problems' centred columns
             summed = ctx.matmul(summed, ctx.block_points(_Block(p0, n_p, 0, n))[1])
-        v_pieces.append(summed)
-        p0 += n_p
+        return summed
+
+    if keep_coefficients:
+        ctx.wait_for(sq)  # the columns are made again for V: after the drift pass, not kept from it
+    v_pieces, p0 = [], 0
+    pieces.reverse()
+    while pieces:  # each piece of F is dropped once its part of V is made: F and V are not both whole
+        f = pieces.pop()
+        if keep_coefficients and not plan.rows_split and f.shape[0] > plan.problems:
+            # a run of blocks in one piece (lax.scan's): their V block by block, as their columns
+            starts = list(range(0, f.shape[0], plan.problems))
+            v_pieces += loop.run(lambda c, s, f=f, p0=p0: (c, v_of(ctx.take(f, s, plan.problems, 0), p0 + s)),
+                                 None, starts, 0)[1]
+        else:
+            v_pieces.append(v_of(f, p0))
+        p0 += f.shape[0]
+        del f
     v = xp.reshape(_joined(v_pieces, 0, xp), (*lead, n, d_feat))
 
     stats: dict[str, Any] = {}
@@ -366,6 +395,7 @@ class _Plan:
             self.problems, self.rows = 1, max(1, budget // row_elements)
         self.rows_split = self.rows < n
         self.single = self.problems == n_probs and not self.rows_split
+        self.before_run: Callable[[Any], None] | None = None  # called with the carry before each run
 
     def sweep(self, loop: BlockLoop, body: Callable[[Any, _Block], tuple[Any, Any]], carry: Any, xp: Any,
               problems: list[int] | None = None, join: bool = True,
@@ -382,6 +412,8 @@ class _Plan:
 
         def run(block_at, starts, axis):
             nonlocal carry
+            if self.before_run is not None:
+                self.before_run(carry)
             if combine is None:  # in order, the carry chained through every block
                 carry, got = loop.run(block_at, carry, starts, axis)
             else:  # each run of blocks from the identity, merged into the carry so far
@@ -426,13 +458,13 @@ def _runs(total: int, size: int) -> list[tuple[list[int], int]]:
 class _Context:
     """The per-call arrays and the block computations of ``fast_drift``."""
 
-    def __init__(self, *, x, cols, centre, xc, yc, w, n_neg, opts, xp, matmul, device, take, runs, augment,
-                 constant):
+    def __init__(self, *, x, cols, centre, xc, yc, w, n_neg, opts, xp, matmul, device, loop, runs, augment,
+                 constant, zero=None):
         """x [L, N, D] and the column parts ``cols`` [L, *, D] as given, their centre [L, 1, D]; xc, yc:
         the centred rows and columns [L, N, D], [L, J, D] where the call keeps them whole, else None
-        (made block by block, for blocks of whole problems only)."""
+        (made block by block, for blocks of whole problems only); ``zero``: see ``wait_for``."""
         self.x, self.cols, self.centre, self.xc, self.yc = x, cols, centre, xc, yc
-        self.w, self.device, self.take = w, device, take
+        self.w, self.device, self.take, self.after = w, device, loop.take, loop.after
         self.n_neg, self.opts, self.xp, self.matmul = n_neg, opts, xp, matmul
         n, d_feat, j = x.shape[-2], x.shape[-1], sum(c.shape[-2] for c in cols)
         self.n, self.j, self.d_feat = n, j, d_feat
@@ -450,6 +482,7 @@ class _Context:
                 else:
                     self.x_sq, self.y_sq = x2, xp.matrix_transpose(y2)  # [L, N, 1], [L, 1, J]
         self.whole_rows_mask = None  # the self-pair mask [N, J] of blocks of whole problems
+        self.zero = zero  # 0, made to wait for the work blocks must follow (wait_for), or None
         self.penalty = None  # a sample's distance to itself [L or 1, 1, 1], set once S is known
         self.inv_feature_scale = 1.0  # 1/s: a number or [L or 1, 1, 1, 1], set once S is known
         dt, dev = x.dtype, device
@@ -465,6 +498,16 @@ class _Context:
         rates = constant(xp, [half / t for t in taus], dt, dev)
         self.rate = xp.reshape(rates, (1, len(taus), 1, 1))
         self.is_pos = xp.arange(j, device=dev) >= n_neg  # [J]: the positive columns
+
+    def wait_for(self, dep: Any) -> None:
+        """Blocks made from here on make their points after ``dep`` (arrays) exists, where the loop
+        orders work (``BlockLoop.after``): a zero made to wait for it is added to each block's slices
+        of the points, so that no slice is shared with (and kept from) an earlier pass either."""
+        if self.after is not None and self.yc is None:
+            zero = self.zero
+            if zero is None:
+                zero = self.xp.zeros((), dtype=self.x.dtype, device=self.device)
+            self.zero = self.after(zero, dep)
 
     def squared_norms(self, xc: Any, yc: Any) -> tuple[Any, Any]:
         """(|x|^2 [..., N, 1], |y|^2 [..., J, 1]) of centred points; xc holds all N rows of x, which
@@ -488,7 +531,10 @@ class _Context:
             return self.rows(self.xc, b), self.problems(self.yc, b)
         xp = self.xp
         centre = self.problems(self.centre, b)
-        yb = xp.concat([self.problems(c, b) for c in self.cols], axis=-2)
+        parts = [self.problems(c, b) for c in self.cols]
+        if self.zero is not None:  # (wait_for)
+            parts = [p + self.zero for p in parts]
+        yb = xp.concat(parts, axis=-2)
         yb -= centre  # in place in the fresh concat
         xb = yb[:, :self.n, :] if self.opts.x_as_negatives else self.problems(self.x, b) - centre
         return xb, yb

@@ -170,24 +170,34 @@ def _stacking_runs(idx: list[int], calls, limit: int | None) -> list[list[int]]:
     return runs + [run]
 
 
-def _evaluated_buckets(calls, opts, xp, be):
-    """(indices, calls, ``_stacked_drift`` result or None) per bucket of calls of one shape: where the
-    backend has a fast drift and shares groups (``Backend.share_groups``), a bucket of several calls
-    (the groups of a feature map) shares one evaluation, in runs of at most ``Backend.stack_elements``
-    stacked points; otherwise (None) each call runs on its own."""
+def _evaluated_buckets(calls, opts, reduction, xp, be):
+    """(indices, shared, results) per run of calls of one shape, in runs of at most
+    ``Backend.stack_elements`` stacked points. shared: the run's ``_stacked_drift`` where the backend
+    has a fast drift and shares groups (``Backend.share_groups``: the groups of a feature map share
+    one evaluation), with results None; else None, with results the (loss, stats) of each call
+    evaluated on its own. Each evaluation waits for the losses of the one before (``Backend.after``),
+    so that a compiler (XLA) does not run them side by side, holding all their temporaries at once."""
+    previous = None
     for bucket in _buckets(calls, xp, be):
         for idx in _stacking_runs(bucket, calls, be.stack_elements):
             group = [calls[i] for i in idx]
-            yield idx, group, (_stacked_drift(group, opts, xp, be) if len(idx) > 1 else None)
+            shared = _stacked_drift(group, opts, xp, be, previous) if len(idx) > 1 else None
+            results = None
+            if shared is None:
+                results = []
+                for c in group:
+                    results.append(loss_of_checked(*c, opts, reduction, xp, be, after=previous))
+                    previous = results[-1][0]
+            else:
+                previous = shared[0]
+            yield idx, shared, results
 
 
 def _shared_losses(calls, opts, reduction, xp, be):
     """[(loss, stats)] per call, the buckets of ``_evaluated_buckets`` sliced back into their calls."""
     out = [None] * len(calls)
-    for idx, group, shared in _evaluated_buckets(calls, opts, xp, be):
-        if shared is None:
-            results = [loss_of_checked(*c, opts, reduction, xp, be) for c in group]
-        else:
+    for idx, shared, results in _evaluated_buckets(calls, opts, reduction, xp, be):
+        if shared is not None:
             per_problem, sizes, stats = shared
             results, start = [], 0
             for g, size in enumerate(sizes):
@@ -205,10 +215,9 @@ def _summed_loss(calls, opts, reduction, xp, be):
     instead of one slice and one reduction per group (on a GPU, each a kernel launch, forward and
     backward)."""
     total = None
-    for _, group, shared in _evaluated_buckets(calls, opts, xp, be):
+    for _, shared, results in _evaluated_buckets(calls, opts, reduction, xp, be):
         if shared is None:
-            terms = [_group_term(loss_of_checked(*c, opts, reduction, xp, be)[0], reduction, xp)
-                     for c in group]
+            terms = [_group_term(loss, reduction, xp) for loss, _ in results]
         else:
             per_problem, sizes, _ = shared  # [..., sum L]
             if reduction == "sum":
@@ -223,12 +232,13 @@ def _summed_loss(calls, opts, reduction, xp, be):
     return total
 
 
-def _stacked_drift(calls, opts, xp, be):
+def _stacked_drift(calls, opts, xp, be, after=None):
     """(per-problem losses [..., sum L], the calls' L, stats with a leading [calls] axis) of calls of
     one shape [..., L_g, n, C] that share their weights, from one ``compute_drift`` over their
     problems stacked along the location axis [..., sum L_g, n, C]: each call is a segment with its
     own S, s and lambda (``_fast_drift.fast_drift``), and one regression gives every problem's loss.
-    None where the backend has no fast drift, does not share groups on this device, or declines."""
+    None where the backend has no fast drift, does not share groups on this device, or declines.
+    ``after``: arrays the stacked copies wait for (``Backend.after``), or None."""
     x0, p0, q0, shared_weights = calls[0]
     if be.compute_drift is None or not be.share_groups(x0):
         return None
@@ -236,10 +246,13 @@ def _stacked_drift(calls, opts, xp, be):
     sizes = [c[0].shape[-3] for c in calls]
     run_of_location = [g for g, size in enumerate(sizes) for _ in range(size)]
 
-    def stacked(i):  # the calls' i-th points along the location axis
+    def stacked(i):  # the calls' i-th points along the location axis, copied after ``after``
         if calls[0][i] is None:
             return None
-        return xp.concat([xp.astype(c[i], cd, copy=False) for c in calls], axis=-3)
+        parts = [xp.astype(c[i], cd, copy=False) for c in calls]
+        if after is not None and be.after is not None:
+            parts = [be.after(a, after) for a in parts]
+        return xp.concat(parts, axis=-3)
 
     xq = stacked(0)  # carries the gradient back to each call's x
     with be.field_context(x0):

@@ -91,10 +91,11 @@ def drifting_loss(
     return (loss, stats) if return_stats else loss
 
 
-def loss_of_checked(x, pos, neg, weights, opts, reduction, xp, be):
-    """(loss, stats) of one validated call through the drift hooks; weights (x_w, neg_w, pos_w)."""
+def loss_of_checked(x, pos, neg, weights, opts, reduction, xp, be, after=None):
+    """(loss, stats) of one validated call through the drift hooks; weights (x_w, neg_w, pos_w).
+    ``after``: as ``compute_drift``'s."""
     x_weight, neg_weight, pos_weight = weights
-    xq, v, s, stats = _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be)
+    xq, v, s, stats = _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be, after)
     return regression_loss(xq, v, s, reduction, xp, be), {k: be.as_array(a) for k, a in stats.items()}
 
 
@@ -187,8 +188,9 @@ def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, 
     return (xp, be, *_drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be))
 
 
-def _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be):
-    """(x in compute dtype with gradient, V, s, stats) of validated inputs."""
+def _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be, after=None):
+    """(x in compute dtype with gradient, V, s, stats) of validated inputs; ``after`` as
+    ``compute_drift``'s."""
     cd = compute_dtype(xp, [x, pos, neg])
     matmul = be.matmul or xp.matmul
     xq = xp.astype(x, cd, copy=False)
@@ -199,7 +201,8 @@ def _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be):
             None if pts is None else full_weight(w, pts, cd, xp, be)
             for w, pts in ((x_weight, x), (neg_weight, neg), (pos_weight, pos))
         )
-        v, s, stats = compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=matmul, device=be.device)
+        v, s, stats = compute_drift(xs, ps, ns, weights, opts, xp=xp, matmul=matmul, device=be.device,
+                                    after=after)
     return xq, v, s, stats
 
 

@@ -9,6 +9,7 @@ and rows. Tolerances (relative): 1e-10 in float64, 1e-5 in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import threading
@@ -448,7 +449,8 @@ def test_accelerator_plan_equals_reference(monkeypatch, per_block):
     """On the accelerator plan (torch on CUDA, JAX on GPUs and TPUs; forced here on the CPU) the budget
     bounds [problems, T, rows, J] and, for points wider than the J columns, [problems, T, rows, D]
     too: scaled by J / D. With small thresholds the centred columns are made per block and the kernel's
-    coefficients kept in place of F (for D > J); the drift equals the reference either way."""
+    coefficients kept in place of F (for D > J), V made from them block by block where a loop's run
+    of blocks comes back as one piece (JAX's scan); the drift equals the reference either way."""
     if B.name not in ACCELERATOR_SETTINGS:
         pytest.skip(f"{B.name} has no accelerator plan")
     fast = importlib.import_module(FAST)
@@ -468,8 +470,10 @@ def test_accelerator_plan_equals_reference(monkeypatch, per_block):
     if per_block:
         monkeypatch.setattr(fast, columns, 0)
         monkeypatch.setattr(fast, drift, 0)
-    for d, expected in ((3, 2000), (16, 2000), (32, 1000), (40, 800)):  # J = 7 + 4 + 5 = 16 columns
-        x, pos, neg, w = _problem(7, d=d)
+    # J = 7 + 4 + 5 = 16 columns; 2 temperatures x 7 rows x 16 = 224 entries per problem
+    for d, expected, lead in ((3, 2000, (2, 3)), (16, 2000, (2, 3)), (32, 1000, (2, 3)), (40, 800, (2, 3)),
+                              (40, 800, (11,))):  # d = 40: blocks of 3 problems (11: and a remainder)
+        x, pos, neg, w = _problem(7, d=d, lead=lead)
         v_ref, _, _ = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=kw["matmul"])
         v, _, _ = fast.compute_drift(x, pos, neg, w, opts, **kw)
         assert budgets[-1] == expected
@@ -557,8 +561,11 @@ def test_fast_path_under_vmap_equals_reference():
     dict(kernel="none", normalize=False)], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_jax_scan_blocks_under_jit_equal_reference(case):
     """The scan over equal blocks plus a remainder block, jitted: 7 problems in blocks of 2 (3 scanned +
-    1), and rows split 3 + 3 + 1 per problem (three passes); the jaxpr holds scans, not unrolled blocks."""
+    1), and rows split 3 + 3 + 1 per problem (three passes); the jaxpr holds scans, not unrolled blocks.
+    With the columns made per block, each pass's blocks wait for the previous pass (``after``, here
+    also for an outside array holding a NaN, which must not reach the result)."""
     import jax
+    import jax.numpy as jnp
 
     jax_fast = importlib.import_module(FAST)
     x, pos, neg, w = _problem(9, lead=(7,))  # N = 7, J = 16 or 9 (no x columns)
@@ -567,14 +574,54 @@ def test_jax_scan_blocks_under_jit_equal_reference(case):
     opts = _options({**full, **case}, stats=True)
     v_ref, s_ref, st_ref = reference_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul())
     row = len(opts.taus) * (pos.shape[-2] + neg.shape[-2] + (7 if opts.x_as_negatives else 0))
-    for block in (2 * 7 * row, 3 * row):
-        def f(x, pos, neg, block=block):
+    for block, columns in itertools.product((2 * 7 * row, 3 * row), (1 << 24, 0)):
+        def f(x, pos, neg, block=block, columns=columns):
             return _fast_drift(x, pos, neg, w, opts, xp=B.xp, matmul=_matmul(), device=lambda a: None,
-                               block_elements=block, loop=jax_fast.SCAN_LOOP)
+                               block_elements=block, loop=jax_fast.ORDERED_SCAN_LOOP, column_elements=columns,
+                               after=(jnp.asarray([1.0, jnp.nan]),))
 
         assert "scan" in str(jax.make_jaxpr(f)(x, pos, neg))
         v, s, st = jax.jit(f)(x, pos, neg)
-        assert _rel(v, v_ref) < 1e-10, block
+        assert _rel(v, v_ref) < 1e-10, (block, columns)
         assert _rel(s, s_ref) < 1e-12
         for key in ("scale", "feature_scale", "drift_rms", "neighbours"):
             assert _rel(st[key], st_ref[key]) < 1e-10, (key, block)
+
+
+@pytest.mark.skipif(B.name != "jax", reason="XLA's memory plan")
+def test_xla_plan_holds_one_group_evaluation_at_a_time(monkeypatch):
+    """XLA runs independent work side by side and holds its temporaries together. On the accelerator
+    plan (compiled here on the CPU), drifting_loss_groups's evaluations wait each for the one before
+    (``Backend.after``), and within a call each pass's per-block points wait for the pass before
+    (``BlockLoop.after``): the loss and gradient of four groups evaluated one by one plan about the
+    temporaries of one group, and clearly more without the ordering."""
+    import jax
+    from driftloss.adapters import jax as jax_adapter
+
+    import driftloss
+
+    jax_fast = importlib.import_module(FAST)
+    rng = np.random.default_rng(3)
+    groups = 4
+    # [n, L, C] per group; each group's blocks: problems of 8 x 3 temperatures x 8 rows x 28 columns
+    gen = {str(k): B.asarray(rng.normal(size=(8, 16, 256)), np.float32) for k in range(groups)}
+    pos = {k: B.asarray(rng.normal(size=(16, 16, 256)), np.float32) for k in gen}
+    neg = {k: B.asarray(rng.normal(size=(4, 16, 256)), np.float32) for k in gen}
+    monkeypatch.setattr(jax_fast, "block_plan", lambda a: "accelerator")  # the plan ordered
+    monkeypatch.setattr(jax_fast, "ACCELERATOR_COLUMN_ELEMENTS", 0)
+    monkeypatch.setattr(jax_adapter, "BACKEND", dataclasses.replace(jax_adapter.BACKEND, stack_elements=1))
+
+    def temporaries(names):
+        def loss(gen):
+            return driftloss.drifting_loss_groups(gen, {k: pos[k] for k in names}, {k: neg[k] for k in names})
+
+        args = {k: gen[k] for k in names}
+        return jax.jit(jax.grad(loss)).lower(args).compile().memory_analysis().temp_size_in_bytes
+
+    ordered_one, ordered_all = temporaries(["0"]), temporaries(list(gen))
+    monkeypatch.setattr(jax_adapter, "BACKEND", dataclasses.replace(jax_adapter.BACKEND, after=None))
+    monkeypatch.setattr(jax_fast, "ORDERED_SCAN_LOOP", jax_fast.SCAN_LOOP)
+    unordered_all = temporaries(list(gen))
+    # jax 0.10.2: 1.01x and 1.62x one group's
+    assert ordered_all < 1.2 * ordered_one, (ordered_one, ordered_all)
+    assert unordered_all > 1.4 * ordered_one, (ordered_one, unordered_all)
