@@ -81,9 +81,40 @@ def _scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, starts: list[
     carry, stacked = jax.lax.scan(body, carry, jnp.asarray(starts))
     if stacked is None:
         return carry, []
+    return carry, [_merged(stacked, axis)]
+
+
+def _merged(stacked: Any, axis: int) -> Any:
+    """Pieces stacked [B, ...] -> their concatenation along ``axis``."""
+    import jax.numpy as jnp
+
     moved = jnp.moveaxis(stacked, 0, axis)  # [..., B, size, ...]
     shape = (*moved.shape[:axis], moved.shape[axis] * moved.shape[axis + 1], *moved.shape[axis + 2:])
-    return carry, [jnp.reshape(moved, shape)]
+    return jnp.reshape(moved, shape)
+
+
+def _ordered_scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, starts: list[int], axis: int,
+                  combine: Any = None) -> tuple[Any, list[Any]]:
+    """``_scan`` whose stacked pieces are written into a buffer made once the carry exists (``after``).
+    lax.scan's own is zeros with no operand, which XLA makes at the start of the program, holding the
+    outputs of every call's scans at once (b2-class, the accelerator plan: 0.9 GB of them)."""
+    import jax
+    import jax.numpy as jnp
+
+    if len(starts) == 1:
+        return _scan(body, carry, starts, axis)
+    piece = jax.eval_shape(body, carry, starts[0])[1]
+    if piece is None:
+        return _scan(body, carry, starts, axis)
+    buffer = after(jnp.zeros((len(starts), *piece.shape), piece.dtype), carry)
+
+    def step(state, i):
+        c, buf = state
+        c, got = body(c, jnp.asarray(starts)[i])
+        return (c, jax.lax.dynamic_update_index_in_dim(buf, got, i, 0)), None
+
+    (carry, buffer), _ = jax.lax.scan(step, (carry, buffer), jnp.arange(len(starts)))
+    return carry, [_merged(buffer, axis)]
 
 
 def _take(a: Any, start: Any, size: int, axis: int) -> Any:
@@ -99,12 +130,12 @@ def after(a: Any, dep: Any) -> Any:
     """``BlockLoop.after`` of the accelerator plan: a + 0 * (whether dep's sum is NaN), which is exactly
     a, but a data dependency that XLA keeps: it does not fold a float product with 0, while
     ``lax.optimization_barrier`` is gone before its common-subexpression pass and its scheduling
-    (XLA CPU). ``dep``: an array or a tuple of them; no gradient flows to it."""
+    (XLA CPU). ``a`` and ``dep``: arrays or tuples of them; no gradient flows to ``dep``."""
     import jax
     import jax.numpy as jnp
 
     total = sum(jnp.sum(jax.lax.stop_gradient(d)) for d in jax.tree.leaves(dep))
-    return a + jnp.isnan(total).astype(a.dtype) * 0
+    return jax.tree.map(lambda leaf: leaf + jnp.isnan(total).astype(leaf.dtype) * 0, a)
 
 
 def groups_after(a: Any, dep: Any) -> Any:
@@ -117,7 +148,7 @@ def groups_after(a: Any, dep: Any) -> Any:
 # b2-class at width 0.025, 2 cores, alternating runs of 5 steps: 63 calls ordered 1.48 / 1.82 s per
 # step against 1.34 / 1.40 s unordered; drifting_loss_groups 1.54 / 1.81 s against 1.52 / 1.70 s.
 SCAN_LOOP = BlockLoop(run=_scan, take=_take)
-ORDERED_SCAN_LOOP = BlockLoop(run=_scan, take=_take, after=after)
+ORDERED_SCAN_LOOP = BlockLoop(run=_ordered_scan, take=_take, after=after)
 
 
 def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: DriftOptions,

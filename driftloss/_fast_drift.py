@@ -191,7 +191,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     if opts.x_as_negatives and not plan.rows_split:  # made once here, not inside a traced loop body
         ctx.whole_rows_mask = ctx.self_pairs(n, 0)
     if loop.after is not None:  # each run of blocks starts once the previous one's sums are made
-        plan.before_run = ctx.wait_for
+        plan.before_run = ctx.run_after
     dt, dev = x.dtype, device(x)
 
     # Pass 1: S per segment (and, when rows are split, each column's smallest distance to a row
@@ -331,7 +331,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
             # a run of blocks in one piece (lax.scan's): their V block by block, as their columns
             starts = list(range(0, f.shape[0], plan.problems))
             v_pieces += loop.run(lambda c, s, f=f, p0=p0: (c, v_of(ctx.take(f, s, plan.problems, 0), p0 + s)),
-                                 None, starts, 0)[1]
+                                 ctx.zero, starts, 0)[1]
         else:
             v_pieces.append(v_of(f, p0))
         p0 += f.shape[0]
@@ -395,7 +395,8 @@ class _Plan:
             self.problems, self.rows = 1, max(1, budget // row_elements)
         self.rows_split = self.rows < n
         self.single = self.problems == n_probs and not self.rows_split
-        self.before_run: Callable[[Any], None] | None = None  # called with the carry before each run
+        # (carry so far, carry the run starts from) -> the latter, before each run (fast_drift: ordered)
+        self.before_run: Callable[[Any, Any], Any] | None = None
 
     def sweep(self, loop: BlockLoop, body: Callable[[Any, _Block], tuple[Any, Any]], carry: Any, xp: Any,
               problems: list[int] | None = None, join: bool = True,
@@ -412,12 +413,13 @@ class _Plan:
 
         def run(block_at, starts, axis):
             nonlocal carry
+            start = carry if combine is None else identity
             if self.before_run is not None:
-                self.before_run(carry)
+                start = self.before_run(carry, start)
             if combine is None:  # in order, the carry chained through every block
-                carry, got = loop.run(block_at, carry, starts, axis)
+                carry, got = loop.run(block_at, start, starts, axis)
             else:  # each run of blocks from the identity, merged into the carry so far
-                got_carry, got = loop.run(block_at, identity, starts, axis, combine)
+                got_carry, got = loop.run(block_at, start, starts, axis, combine)
                 carry = combine(carry, got_carry)
             return got
 
@@ -508,6 +510,12 @@ class _Context:
             if zero is None:
                 zero = self.xp.zeros((), dtype=self.x.dtype, device=self.device)
             self.zero = self.after(zero, dep)
+
+    def run_after(self, carry: Any, start: Any) -> Any:
+        """``_Plan.before_run``: the blocks of the next run wait for ``carry`` (``wait_for``), and so
+        does the carry ``start`` they run from (a loop may make its outputs once that exists)."""
+        self.wait_for(carry)
+        return start if self.zero is None else self.after(start, self.zero)
 
     def squared_norms(self, xc: Any, yc: Any) -> tuple[Any, Any]:
         """(|x|^2 [..., N, 1], |y|^2 [..., J, 1]) of centred points; xc holds all N rows of x, which

@@ -625,3 +625,37 @@ def test_xla_plan_holds_one_group_evaluation_at_a_time(monkeypatch):
     # jax 0.10.2: 1.01x and 1.62x one group's
     assert ordered_all < 1.2 * ordered_one, (ordered_one, ordered_all)
     assert unordered_all > 1.4 * ordered_one, (ordered_one, unordered_all)
+
+
+@pytest.mark.skipif(B.name != "jax", reason="JAX's accelerator plan")
+@pytest.mark.parametrize("stack_elements", [None, 1], ids=["stacked", "one-by-one"])
+def test_jax_accelerator_plan_groups_equal_reference(monkeypatch, stack_elements):
+    """drifting_loss_groups on JAX's accelerator plan (forced on the CPU; small blocks, per-block
+    columns, kept coefficients, evaluations and passes ordered, scans' outputs made in order): loss
+    and gradient under jit equal the reference core's, the groups stacked into one evaluation or not."""
+    import jax
+    from driftloss.adapters import jax as jax_adapter
+
+    import driftloss
+
+    jax_fast = importlib.import_module(FAST)
+    rng = np.random.default_rng(5)
+    gen = {str(k): B.asarray(rng.normal(size=(6, 2 + k, 40)) + 1.0) for k in range(3)}  # [n, L, C]
+    pos = {k: B.asarray(rng.normal(size=(7, a.shape[1], 40))) for k, a in gen.items()}
+    neg = {k: B.asarray(rng.normal(size=(3, a.shape[1], 40)) - 1.0) for k, a in gen.items()}
+
+    def loss(gen):
+        return driftloss.drifting_loss_groups(gen, pos, neg, taus=(0.05, 0.2), neg_weight=B.asarray(
+            np.full(3, 1.5)))
+
+    expected = _on_reference(lambda: jax.value_and_grad(loss)(gen))
+    monkeypatch.setattr(jax_fast, "block_plan", lambda a: "accelerator")
+    # J = 16 columns, D = 40: the budget scaled by J / D holds 2 problems (2 taus x 6 rows x 16) a block
+    monkeypatch.setattr(jax_fast, "ACCELERATOR_BLOCK_ELEMENTS", 2 * (2 * 6 * 16) * 40 // 16)
+    monkeypatch.setattr(jax_fast, "ACCELERATOR_COLUMN_ELEMENTS", 0)
+    monkeypatch.setattr(jax_adapter, "BACKEND", dataclasses.replace(jax_adapter.BACKEND,
+                                                                    stack_elements=stack_elements))
+    got = jax.jit(jax.value_and_grad(loss))(gen)
+    assert _rel(got[0], expected[0]) < 1e-10
+    for k in gen:
+        assert _rel(got[1][k], expected[1][k]) < 1e-10, k
