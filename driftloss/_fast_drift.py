@@ -27,6 +27,10 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   [L, J, D] fit ``column_elements`` (in place in their concat; x's rows are a view of them), else
   for each block from the caller's x, neg and pos, so that no [L, J, D] copy exists (wide feature
   maps of many locations on a GPU);
+- where the loop orders work (``BlockLoop.after``: JAX's accelerator plan), each run of blocks and each
+  pass waits for the one before, through a zero added to the blocks' slices of the points: XLA would
+  otherwise run them side by side, and merge a pass's recomputation of a block's columns with the
+  first pass's, keeping every block's columns alive in between;
 - lambda_tau's sums of squares are taken per block, and only V, not F, is joined across blocks
   (each block's F is dropped once its part of V is made); where F is large and the kernel has fewer
   columns than the points have dimensions, the blocks keep F's coefficients [p, T, rows, J] instead
