@@ -3,7 +3,8 @@
 Works under ``jax.jit``, ``jax.grad``, ``jax.vmap`` (each vmapped slice is its own call, with
 its own S and lambda) and in jitted optax steps. Distance and drift products run at
 ``Precision.HIGHEST``: JAX's default GPU precision is TF32-like and loses ~12% on small
-squared distances (DESIGN §7).
+squared distances (DESIGN §7). On GPUs, ``jax_fast.ACCELERATOR_PRODUCTS = "tf32x3"`` opts into
+XLA's three-pass TF32 products (float32-faithful, faster on tensor cores).
 """
 
 from __future__ import annotations

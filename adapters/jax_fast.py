@@ -47,6 +47,16 @@ ACCELERATOR_COLUMN_ELEMENTS = 1 << 24
 # accelerators the coefficients [L, T, N, J] wherever J < D (see ACCELERATOR_BLOCK_ELEMENTS).
 CPU_DRIFT_ELEMENTS = 1 << 62
 ACCELERATOR_DRIFT_ELEMENTS = 0
+# The products on accelerators: "highest" (float32, the default; an H100 / H200 multiplies float32 at
+# ~51-67 TFLOP/s, so b2-class's 423 GFLOP take at least 6-8 ms) or "tf32x3" (XLA's three-pass TF32
+# algorithm on the tensor cores, ~430-500 TFLOP/s for one pass: float32-faithful, as torch's "tf32x3",
+# adapters/torch_tf32.py). Opt-in until timed and checked on a GPU (benchmarks/gpu.sh: "jax-tf32x3").
+# XLA's CPU compiler rejects the TF32 algorithms, so the CPU plan ignores this.
+ACCELERATOR_PRODUCTS = "highest"
+PRODUCTS = ("highest", "tf32x3")
+# Products over a short inner dimension (the sum over temperatures) are bound by memory: they stay single
+# float32 products (as adapters/torch_tf32.MIN_TF32_INNER).
+MIN_TF32_INNER = 16
 # Backend.stack_elements: drifting_loss_groups stacks the groups of one shape in runs of at most 512 MiB
 # of points (a larger group evaluated on its own), as torch's plan; the CPU rows of b2-class stay below.
 STACK_ELEMENTS = 1 << 27
@@ -55,6 +65,26 @@ STACK_ELEMENTS = 1 << 27
 # 6.2-6.4 ms). Elsewhere the default rule, which the wide feature maps of b2-class meet with the plain
 # product (its K = D + 2 also breaks the alignment of the points' rows).
 CPU_AUGMENT = True
+
+
+def accelerator_products(setting: str, matmul: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """The matrix product for ``setting`` (one of PRODUCTS); ``matmul`` (float32 at HIGHEST precision)
+    for "highest", for products over fewer than MIN_TF32_INNER terms and for float64 (TF32 splits float32)."""
+    if setting not in PRODUCTS:
+        raise ValueError(f"ACCELERATOR_PRODUCTS must be one of {PRODUCTS}, got {setting!r}")
+    if setting == "highest":
+        return matmul
+    import jax
+    import jax.numpy as jnp
+
+    algorithm = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+    def product(a: Any, b: Any) -> Any:
+        if a.shape[-1] < MIN_TF32_INNER or a.dtype != jnp.float32 or b.dtype != jnp.float32:
+            return matmul(a, b)
+        return jnp.matmul(a, b, precision=algorithm)
+
+    return product
 
 
 def block_plan(a: Any) -> str:
@@ -162,6 +192,7 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
                           keep_elements=KEEP_ELEMENTS, column_elements=CPU_COLUMN_ELEMENTS,
                           augment=CPU_AUGMENT, drift_elements=CPU_DRIFT_ELEMENTS)
     budget = wide_points_block_elements(x, pos, neg, opts, ACCELERATOR_BLOCK_ELEMENTS)
+    matmul = accelerator_products(ACCELERATOR_PRODUCTS, matmul)
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
                       loop=ORDERED_SCAN_LOOP, segments=segments, after=after, keep_elements=KEEP_ELEMENTS,
                       column_elements=ACCELERATOR_COLUMN_ELEMENTS, drift_elements=ACCELERATOR_DRIFT_ELEMENTS)

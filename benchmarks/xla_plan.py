@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--width-scale", type=float, default=1.0)
     p.add_argument("--plan", choices=("device", "accelerator"), default="accelerator")
     p.add_argument("--impls", nargs="+", default=["jax", "jax-groups"],
-                   choices=[i for i in impls.IMPLS if i.startswith("jax")])
+                   choices=[i for i in impls.IMPLS if i.startswith("jax") and i != "jax-tf32x3"])  # GPU only
     args = p.parse_args(argv)
     scen = scenarios.build(args.scenario, args.width_scale)
     accelerator = args.plan == "accelerator"
