@@ -13,7 +13,7 @@ from typing import Any
 
 import array_api_compat.torch as xp_torch
 import torch
-from driftloss.adapters import torch_fast, torch_fused
+from driftloss.adapters import torch_fast, torch_fused, torch_regression
 
 from driftloss._backends import Backend
 from driftloss._loss import DEFAULT_TAUS
@@ -82,6 +82,7 @@ BACKEND = Backend(
     share_groups=lambda a: a.device.type != "cpu",
     stack_elements=torch_fast.STACK_ELEMENTS,
     constant=torch_fast.device_constant,
+    regression_loss=torch_regression.per_problem_loss,
 )
 
 

@@ -18,7 +18,9 @@ from driftloss.adapters import torch_cpu_products, torch_tf32
 
 from driftloss._drift import DriftOptions
 from driftloss._fast_drift import (
+    ARRAY_API_OPS,
     DEFAULT_KEEP_ELEMENTS,
+    FusedOps,
     cpu_block_elements,
     fast_drift,
     wide_points_block_elements,
@@ -67,6 +69,41 @@ CUDA_PRODUCTS = "ieee"
 CPU_PRODUCTS = "onednn"
 
 
+def one_pass_squares(a: torch.Tensor) -> bool:
+    """Whether sums of squares of a take torch's vector norm, one read of a (the Array API form writes
+    a * a first): on accelerators. On the CPU torch's float32 vector norm loses ~1e-5 relative on large
+    blocks (2.13; b2-class's loss at full width: 5.4e-7 error against 2.8e-9). benchmarks/op_count.py
+    replaces it to count the accelerators' memory traffic on the CPU."""
+    return a.device.type != "cpu"
+
+
+def _sum_squares(xp: Any, a: torch.Tensor, axis: Any, keepdims: bool = False) -> torch.Tensor:
+    if not one_pass_squares(a):
+        return ARRAY_API_OPS.sum_squares(xp, a, axis, keepdims)
+    return torch.linalg.vector_norm(a, dim=axis, keepdim=keepdims).square()
+
+
+def _centred_concat_into(xp: Any, parts: list[torch.Tensor], centre: torch.Tensor) -> torch.Tensor:
+    """concat(parts, -2) - centre, each part's difference written into its rows of the result: one read
+    of the parts and one write (concatenating, then subtracting in place, reads and writes twice)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # torch.func's tensors take no out=
+    if torch.compiler.is_compiling() or any(wrapped(a) for a in (*parts, centre)):
+        return ARRAY_API_OPS.centred_concat(xp, parts, centre)
+    lead, d_feat = parts[0].shape[:-2], parts[0].shape[-1]
+    out = torch.empty((*lead, sum(p.shape[-2] for p in parts), d_feat), dtype=centre.dtype,
+                      device=centre.device)
+    j0 = 0
+    for p in parts:
+        torch.sub(p, centre, out=out[..., j0:j0 + p.shape[-2], :])
+        j0 += p.shape[-2]
+    return out
+
+
+# The accelerator plan's one-pass forms. b2-class at full width (python -m benchmarks.op_count): the
+# per-block centring touches 15.5 GB instead of 31 GB, the sums of squares 9.8 GB instead of 32 GB.
+ACCELERATOR_OPS = FusedOps(sum_squares=_sum_squares, centred_concat=_centred_concat_into)
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_constant(values: tuple, dtype: Any, device: Any) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
@@ -101,10 +138,12 @@ def compute_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opt
         budget = cpu_block_elements(x, pos, neg, opts, CPU_CACHE_ELEMENTS, CPU_BLOCK_ELEMENTS,
                                     CPU_SPLIT_ELEMENTS)
         matmul = torch_cpu_products.products(CPU_PRODUCTS, matmul)
+        ops = ARRAY_API_OPS
     else:
         budget = wide_points_block_elements(x, pos, neg, opts, CUDA_BLOCK_ELEMENTS)
         if x.device.type == "cuda" and not torch.compiler.is_compiling():
             matmul = torch_tf32.products(CUDA_PRODUCTS, matmul)
+        ops = ACCELERATOR_OPS
     return fast_drift(x, pos, neg, weights, opts, xp=xp, matmul=matmul, device=device, block_elements=budget,
                       segments=segments, after=after, column_elements=COLUMN_ELEMENTS, augment=AUGMENT,
-                      constant=device_constant, drift_elements=DRIFT_ELEMENTS)
+                      constant=device_constant, drift_elements=DRIFT_ELEMENTS, ops=ops)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements in one call of at most 5 minutes: every scenario at full width, the
-# tables printed last; rows go to $OUT (default ./out). GPU_CHECKS=1 first runs the CUDA-only tests
-# (graph capture, TF32 products, the fused kernels compiled) and profiles torch's b2-class step
-# (about 2 minutes more).
+# tables printed last; rows go to $OUT (default ./out). GPU_CHECKS=1 first runs the GPU-only tests
+# (graph capture, TF32 products of torch and JAX, the fused kernels compiled) and profiles torch's
+# b2-class step (about 2 minutes more).
 #   bash benchmarks/gpu.sh            # from the repository root, with driftloss installed
 # On the lent GPU machine (its image lacks array-api-compat; carry the wheels in an ignored .whl/):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -22,7 +22,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 if [ "${GPU_CHECKS:-0}" = 1 ]; then
     DRIFTLOSS_BACKEND=torch timeout 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
-        tests/test_tf32_products.py tests/test_fused_path.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+        tests/test_tf32_products.py tests/test_fused_path.py tests/test_torch_regression.py 2>&1 | tail -15 \
+        | tee "$OUT/tests.txt"
+    DRIFTLOSS_BACKEND=jax timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_jax_tf32_products.py \
+        2>&1 | tail -8 | tee -a "$OUT/tests.txt"
     timeout 60 "$PY" -m benchmarks.profile_step --scenario b2-class --impl torch > "$OUT/profile.txt" 2>&1
 fi
 start=$SECONDS
@@ -30,6 +33,7 @@ start=$SECONDS
 # b2-class (~20 s of data generation on the host), rows in order of what they decide:
 #   torch          the default: blocked fast drift, the groups of a map in one evaluation, float32 products
 #   jax-groups     drifting_loss_groups on JAX (jax: the sum of one call per group)
+#   jax-tf32x3     jax-groups with XLA's three-pass TF32 products (float32-faithful, opt-in)
 #   torch-graphed  torch's step replayed from a CUDA graph: what launch overhead costs the default
 #   torch-tf32x3   the default with float32-faithful TF32 products (adapters/torch_tf32.py, opt-in)
 #   torch-whole-columns  the centred columns made once: less copying, 1.25 GiB more (RESULTS.md, 16:49)
@@ -38,8 +42,8 @@ start=$SECONDS
 #   torch-kept-coefficients  F's coefficients kept instead of F: one more product, less memory
 #   torch-fused    the opt-in Triton kernels; torch-augmented / torch-tf32: the distance rule, lossy TF32
 timeout 200 "$PY" -m benchmarks.run --device cuda --scenarios b2-class --repeats 5 --no-append --time-budget 140 \
-    --impls paper-literal torch jax-groups torch-graphed torch-tf32x3 torch-stack-all torch-whole-columns \
-    torch-kept-coefficients jax torch-fused \
+    --impls paper-literal torch jax-groups torch-graphed torch-tf32x3 jax-tf32x3 torch-stack-all \
+    torch-whole-columns torch-kept-coefficients jax torch-fused \
     torch-augmented torch-tf32 > "$OUT/b2.md" 2> "$OUT/b2.log"
 
 left=$((285 - (SECONDS - start)))

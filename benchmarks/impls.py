@@ -39,6 +39,8 @@ torch-core     torch with the fast-path hooks switched off (the reference core o
 jax, jax-core  the sum of one driftloss.adapters.jax.drifting_loss per call (group) under
                jax.jit(jax.value_and_grad(...)), fast path on / off
 jax-groups     driftloss.drifting_loss_groups on JAX (all groups in one call, as the torch rows)
+jax-tf32x3     jax-groups with the accelerator plan's products in XLA's three-pass TF32 algorithm
+               (float32-faithful; adapters/jax_fast.ACCELERATOR_PRODUCTS, opt-in; GPU only)
 reference-cuda  the core in float64 on torch CUDA (the error reference on the GPU; the core is tested
                against the independent float64 NumPy reference to 1e-10); reference-cuda-blocked,
                the blocked fast drift in float64 there, where the core's temporaries would not fit
@@ -74,7 +76,7 @@ TORCH_FAST_SETTINGS = {
     "torch-tf32": ("CUDA_PRODUCTS", "tf32"),
 }
 IMPLS = ("paper-literal", "numpy", "numpy-one-thread", "numpy-core", *TORCH_IMPLS[:1], "torch-fused",
-         *TORCH_IMPLS[1:], "jax", "jax-groups", "jax-core")
+         *TORCH_IMPLS[1:], "jax", "jax-groups", "jax-tf32x3", "jax-core")
 
 
 @dataclasses.dataclass
@@ -171,6 +173,10 @@ def context(impl: str) -> contextlib.AbstractContextManager:
         return fast_path("torch", False)
     if impl in ("jax", "jax-core"):
         return fast_path("jax", impl == "jax")
+    if impl == "jax-tf32x3":
+        from driftloss.adapters import jax_fast
+
+        return mock.patch.object(jax_fast, "ACCELERATOR_PRODUCTS", "tf32x3")
     if impl in ("reference", "numpy-core"):
         return numpy_core()
     if impl == "numpy-one-thread":
@@ -201,8 +207,8 @@ def make(impl: str, scen: Scenario, device: str) -> tuple[Runner, contextlib.Abs
         runner = _torch(scen, device, stats=impl == "torch-stats")
     elif impl in ("reference-cuda", "reference-cuda-blocked"):
         runner = _torch(scen, device, dtype="float64")
-    elif impl in ("jax", "jax-groups", "jax-core"):
-        runner = _jax(scen, groups=impl == "jax-groups")
+    elif impl in ("jax", "jax-groups", "jax-tf32x3", "jax-core"):
+        runner = _jax(scen, groups=impl in ("jax-groups", "jax-tf32x3"))
     elif impl in ("numpy", "numpy-one-thread", "numpy-core"):
         runner = _numpy(scen, np.float32)
     elif impl == "reference":

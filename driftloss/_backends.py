@@ -49,6 +49,9 @@ class Backend:
                              None where operations run in the order they are called (eager
                              libraries); JAX: XLA would otherwise run independent work side by side,
                              holding the temporaries of all of it at once
+    regression_loss(xq, v, s) -> the per-problem loss [...] of DESIGN §2 step 5 (value mean(V^2),
+                             gradient -2 V / (s N D) with respect to xq [..., N, D]) in fewer passes
+                             over x-sized arrays than the array form, or None (the array form)
     constant(xp, values, dtype, device) -> an array of Python numbers (nested lists) on device;
                              torch caches those on accelerators, where making one is a host-to-device
                              copy that waits for the queued work and that a CUDA graph cannot capture
@@ -74,6 +77,7 @@ class Backend:
     stack_elements: int | None = None
     constant: Callable[[Any, Any, Any, Any], Any] = asarray_constant
     after: Callable[[Any, Any], Any] | None = None
+    regression_loss: Callable[[Any, Any, Any], Any] | None = None
 
 
 def _numpy_compute_drift(*args: Any, **kwargs: Any) -> Any:

@@ -27,6 +27,9 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   [L, J, D] fit ``column_elements`` (in place in their concat; x's rows are a view of them), else
   for each block from the caller's x, neg and pos, so that no [L, J, D] copy exists (wide feature
   maps of many locations on a GPU);
+- sums of squares and the centred columns of a block take the library's one-pass forms where it has
+  them (``FusedOps``; torch on accelerators: a vector norm reads its input once, and each part's
+  centred rows are written into the block, not concatenated and then shifted in place);
 - where the loop orders work (``BlockLoop.after``: JAX's accelerator plan), each run of blocks and each
   pass waits for the one before, through a zero added to the blocks' slices of the points: XLA would
   otherwise run them side by side, and merge a pass's recomputation of a block's columns with the
@@ -76,6 +79,33 @@ DEFAULT_KEEP_ELEMENTS = 1 << 24
 CPU_CACHE_ELEMENTS = 1 << 18
 CPU_BLOCK_ELEMENTS = DEFAULT_BLOCK_ELEMENTS
 CPU_SPLIT_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """Operations that a library can do in one pass over memory where their Array API form takes
+    two (eager libraries run each elementwise operation as a pass of its own).
+
+    sum_squares(xp, a, axis, keepdims) -> sum of a * a over ``axis``
+    centred_concat(xp, parts, centre)  -> concat(parts, axis=-2) - centre, for parts [p, *, D] and
+                                          centre [p, 1, D]; a fresh array
+    """
+
+    sum_squares: Callable[..., Any]
+    centred_concat: Callable[[Any, list[Any], Any], Any]
+
+
+def _sum_squares(xp: Any, a: Any, axis: Any, keepdims: bool = False) -> Any:
+    return xp.sum(a * a, axis=axis, keepdims=keepdims)
+
+
+def _centred_concat(xp: Any, parts: list[Any], centre: Any) -> Any:
+    y = xp.concat(parts, axis=-2)
+    y -= centre  # in place in the fresh concat
+    return y
+
+
+ARRAY_API_OPS = FusedOps(sum_squares=_sum_squares, centred_concat=_centred_concat)
 
 
 def cpu_block_elements(x: Any, pos: Any, neg: Any, opts: DriftOptions, cache: int = CPU_CACHE_ELEMENTS,
@@ -133,7 +163,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                augment: bool | None = None,
                constant: Callable[..., Any] = asarray_constant,
                drift_elements: int = DEFAULT_KEEP_ELEMENTS,
-               after: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+               after: Any = None, ops: FusedOps = ARRAY_API_OPS) -> tuple[Any, Any, dict[str, Any]]:
     """``compute_drift`` (same arguments and results) by blocks of at most ``block_elements`` entries.
 
     x [..., N, D], pos [..., P, D], neg [..., M, D] or None; weights (x_w [..., N], neg_w [..., M]
@@ -155,6 +185,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     product (a third of the drift's for three temperatures) in place of the sum over F.
     ``after``: arrays that the call's work waits for, where ``loop.after`` orders work (XLA; the
     evaluations of ``drifting_loss_groups`` one after another); ignored by loops without it.
+    ``ops``: the library's one-pass forms of sums of squares and centred concatenation (FusedOps).
     Returns (V [..., N, D], s, stats) as ``compute_drift``; with segments, s and the stats carry a
     leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T]).
     """
@@ -191,7 +222,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     del parts
     ctx = _Context(x=x, cols=cols, centre=centre, xc=xc, yc=yc, w=w, n_neg=n_neg, opts=opts, xp=xp,
                    matmul=matmul, device=device(x), loop=loop, runs=runs, augment=augment,
-                   constant=constant, zero=zero)
+                   constant=constant, zero=zero, ops=ops)
     if opts.x_as_negatives and not plan.rows_split:  # made once here, not inside a traced loop body
         ctx.whole_rows_mask = ctx.self_pairs(n, 0)
     if loop.after is not None:  # each run of blocks starts once the previous one's sums are made
@@ -267,7 +298,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         def sum_of_squares(col_sq, b):
             g = ctx.column_factor_terms(ctx.penalized(ctx.distances(b, zero_self=False), b),
                                         ctx.problems(col_min, b), b)
-            return col_sq + xp.sum(g * g, axis=-2, keepdims=True), None
+            return col_sq + ops.sum_squares(xp, g, -2, True), None
 
         zeros = xp.zeros((1, n_taus, 1, j), dtype=dt, device=dev)
         col_sq = xp.concat([plan.sweep(loop, sum_of_squares, zeros, xp, [p], combine=_added)[0]
@@ -290,8 +321,7 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         else:  # a Python loop's blocks have concrete starts: piece p0 // problems is block b's
             dist = kept[b.p0 // plan.problems] if isinstance(kept, list) else ctx.problems(kept, b)
         f, nb, coefficients = ctx.block_drift(ctx.penalized(dist, b), b, col_stats, pts)
-        # not vector_norm: torch's loses ~1e-5 relative on a large block in float32 (CPU, 2.13)
-        sq = sq + ctx.run_sums(xp.sum(f * f, axis=(2, 3)), b)  # [G, T]
+        sq = sq + ctx.run_sums(ops.sum_squares(xp, f, (2, 3)), b)  # [G, T]
         carry = (sq, neighbours + ctx.run_sums(nb, b) if opts.with_stats else neighbours)
         return carry, (coefficients if keep_coefficients else f)
 
@@ -465,13 +495,13 @@ class _Context:
     """The per-call arrays and the block computations of ``fast_drift``."""
 
     def __init__(self, *, x, cols, centre, xc, yc, w, n_neg, opts, xp, matmul, device, loop, runs, augment,
-                 constant, zero=None):
+                 constant, zero=None, ops=ARRAY_API_OPS):
         """x [L, N, D] and the column parts ``cols`` [L, *, D] as given, their centre [L, 1, D]; xc, yc:
         the centred rows and columns [L, N, D], [L, J, D] where the call keeps them whole, else None
         (made block by block, for blocks of whole problems only); ``zero``: see ``wait_for``."""
         self.x, self.cols, self.centre, self.xc, self.yc = x, cols, centre, xc, yc
         self.w, self.device, self.take, self.after = w, device, loop.take, loop.after
-        self.n_neg, self.opts, self.xp, self.matmul = n_neg, opts, xp, matmul
+        self.n_neg, self.opts, self.xp, self.matmul, self.ops = n_neg, opts, xp, matmul, ops
         n, d_feat, j = x.shape[-2], x.shape[-1], sum(c.shape[-2] for c in cols)
         self.n, self.j, self.d_feat = n, j, d_feat
         self.augmented = False  # squared distances from one product of augmented points
@@ -525,10 +555,10 @@ class _Context:
         """(|x|^2 [..., N, 1], |y|^2 [..., J, 1]) of centred points; xc holds all N rows of x, which
         are yc's first N rows where x counts as negatives (their norms are then taken once)."""
         xp = self.xp
-        y2 = xp.sum(yc * yc, axis=-1, keepdims=True)
+        y2 = self.ops.sum_squares(xp, yc, -1, True)
         if self.opts.x_as_negatives and xc.shape[-2] == self.n:
             return y2[..., :self.n, :], y2
-        return xp.sum(xc * xc, axis=-1, keepdims=True), y2
+        return self.ops.sum_squares(xp, xc, -1, True), y2
 
     def grams(self, xc: Any, yc: Any, x2: Any, y2: Any) -> tuple[Any, Any]:
         """The augmented points [-2x, |x|^2, 1] [..., N, D + 2] and [y, 1, |y|^2] [..., J, D + 2]."""
@@ -546,8 +576,7 @@ class _Context:
         parts = [self.problems(c, b) for c in self.cols]
         if self.zero is not None:  # (wait_for)
             parts = [p + self.zero for p in parts]
-        yb = xp.concat(parts, axis=-2)
-        yb -= centre  # in place in the fresh concat
+        yb = self.ops.centred_concat(xp, parts, centre)
         xb = yb[:, :self.n, :] if self.opts.x_as_negatives else self.problems(self.x, b) - centre
         return xb, yb
 
@@ -663,8 +692,8 @@ class _Context:
             if col_stats is None:
                 col_min = xp.min(e, axis=-2, keepdims=True)  # [p, 1, 1, J]
                 g = xp.exp((col_min - e) * rate)
-                # not vector_norm: torch's reduces across rows 13x slower than sum(g * g) on the CPU
-                col_f = 1.0 / xp.sqrt(xp.sum(g * g, axis=-2, keepdims=True))
+                # ops: sum(g * g) on the CPU, where torch's vector norm across rows is 13x slower
+                col_f = 1.0 / xp.sqrt(self.ops.sum_squares(xp, g, -2, True))
             else:
                 col_min, col_sq = self.problems(col_stats[0], b), col_stats[1]
                 g = self.column_factor_terms(dist, col_min, b)

@@ -102,6 +102,8 @@ def loss_of_checked(x, pos, neg, weights, opts, reduction, xp, be, after=None):
 def regression_loss(xq: Any, v: Any, s: Any, reduction: str, xp: Any, be: Any) -> Any:
     """The loss of DESIGN §2 step 5: mean over [..., N, D] of (x/s - stop_gradient(x/s + V))^2 per
     problem, reduced by ``reduction``. xq [..., N, D] in the compute dtype carries the gradient."""
+    if be.regression_loss is not None:  # torch: one autograd function (adapters/torch_regression.py)
+        return reduce_problems(be.regression_loss(xq, v, s), reduction, xp, be)
     # Three x-sized temporaries at most, two after the subtraction: the target is not named, and x/s is
     # dropped once diff exists (autodiff keeps only s for the division). On b2-class's largest feature
     # map (0.5 GiB of x), the peak of torch's step on the GPU plan was these temporaries.

@@ -482,6 +482,30 @@ def test_accelerator_plan_equals_reference(monkeypatch, per_block):
         assert _rel(B.to_numpy(v), B.to_numpy(v_ref)) < 1e-10
 
 
+@pytest.mark.skipif(B.name != "torch", reason="torch's one-pass operations")
+def test_torch_accelerator_ops_equal_their_array_api_forms(monkeypatch):
+    """The accelerator plan's one-pass sums of squares (a vector norm; forced on the CPU) and centred
+    concatenation (written into the result's rows; the Array API form under torch.func, which takes no
+    out=) equal the two-pass forms."""
+    import torch
+
+    torch_fast = importlib.import_module("driftloss.adapters.torch_fast")
+    monkeypatch.setattr(torch_fast, "one_pass_squares", lambda a: True)
+    ops = torch_fast.ACCELERATOR_OPS
+    rng = np.random.default_rng(4)
+    parts = [torch.tensor(rng.normal(size=(3, 4, 5))), torch.tensor(rng.normal(size=(3, 5, 2))).mT,
+             torch.tensor(rng.normal(size=(3, 6, 5)))]  # the second one strided
+    centre = torch.tensor(rng.normal(size=(3, 1, 5)))
+    want = torch.cat(parts, dim=-2) - centre
+    assert torch.equal(ops.centred_concat(B.xp, parts, centre), want)
+    batched = torch.func.vmap(lambda a, b, c, m: ops.centred_concat(B.xp, [a, b, c], m))(*parts, centre)
+    assert torch.equal(batched, want)
+    a = torch.tensor(rng.normal(size=(2, 3, 4, 5)))
+    for axis, keepdims in ((-1, True), ((2, 3), False), (-2, True)):
+        torch.testing.assert_close(ops.sum_squares(B.xp, a, axis, keepdims),
+                                   torch.sum(a * a, dim=axis, keepdim=keepdims), rtol=1e-14, atol=0)
+
+
 CASES = [
     dict(),
     dict(kernel="y"),
