@@ -5,8 +5,7 @@ and its gradient with respect to x is -2 V / (s N D). Written as array operation
 (``driftloss._loss.regression_loss``), eager torch makes x/s, the target, the difference and its
 square, and autograd as many x-sized arrays again on the way back: 26 of the 137 GB that a
 b2-class step touches at full width (``python -m benchmarks.op_count``). Here the forward reads V
-once and the backward writes the gradient once (on the CPU the forward squares V first:
-``torch_fast.one_pass_squares``).
+once and the backward writes the gradient once.
 
 The gradient is the drift held fixed, as the stop-gradient makes it: differentiating it again
 (``create_graph=True``, ``torch.func.hessian``) gives 0 where the array form gives 2 / (s^2 N D) on
@@ -17,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_compat.torch as xp_torch
 import torch
 from driftloss.adapters import torch_fast
 
@@ -29,9 +29,8 @@ class _Regression(torch.autograd.Function):
 
     @staticmethod
     def forward(xq: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        if not torch_fast.one_pass_squares(v):
-            return torch.mean(v * v, dim=(-2, -1))
-        return torch.linalg.vector_norm(v, dim=(-2, -1)).square() / (v.shape[-2] * v.shape[-1])
+        # one read of v on accelerators (a vector norm); v * v first on the CPU (torch_fast.one_pass_squares)
+        return torch_fast.ACCELERATOR_OPS.sum_squares(xp_torch, v, (-2, -1)) / (v.shape[-2] * v.shape[-1])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
