@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from reference_trainers import digits, digits_compare
-from reference_trainers.digits_baselines import mmd2
-from reference_trainers.digits_config import DigitsConfig, parse_config
-from reference_trainers.digits_data import load_digit_splits, shifted, step_batch
-from reference_trainers.digits_eval import frechet_distance, gaussian_frechet_distance
-from reference_trainers.digits_features import guidance_weight
-from reference_trainers.digits_pretrain import (
+from reference_trainers.digits import compare as digits_compare
+from reference_trainers.digits import train as digits
+from reference_trainers.digits.baselines import mmd2
+from reference_trainers.digits.config import DigitsConfig, parse_config
+from reference_trainers.digits.data import load_digit_splits, shifted, step_batch
+from reference_trainers.digits.evaluate import frechet_distance, gaussian_frechet_distance
+from reference_trainers.digits.features import guidance_weight
+from reference_trainers.digits.pretrain import (
     accuracy,
     load_or_pretrain_encoder,
     load_or_train_eval_classifier,

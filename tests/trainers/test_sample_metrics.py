@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from reference_trainers.sample_metrics import energy_distance, mmd, modes_covered, sample_metrics
-from reference_trainers.toy_data import TARGETS, initial_output, make_target, step_batch
+from reference_trainers.common.sample_metrics import energy_distance, mmd, modes_covered, sample_metrics
+from reference_trainers.toy.data import TARGETS, initial_output, make_target, step_batch
 
 
 def test_energy_distance_of_identical_samples_is_zero():

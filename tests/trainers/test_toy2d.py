@@ -8,8 +8,8 @@ import pytest
 import torch
 from driftloss.adapters.torch import drift_field
 
-from reference_trainers import toy2d
-from reference_trainers.toy_config import ToyConfig, parse_config
+from reference_trainers.toy import toy2d
+from reference_trainers.toy.config import ToyConfig, parse_config
 
 SMALL = dict(hidden=64, n_gen=64, n_pos=64, eval_samples=400, progress=False, plots=False, log_every=10)
 

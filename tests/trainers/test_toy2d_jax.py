@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from reference_trainers import toy2d_jax
-from reference_trainers.toy_config import ToyConfig
+from reference_trainers.toy import toy2d_jax
+from reference_trainers.toy.config import ToyConfig
 
 SMALL = dict(hidden=64, n_gen=64, n_pos=64, eval_samples=400, progress=False, plots=False, log_every=10)
 

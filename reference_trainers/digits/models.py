@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reference_trainers.digits_config import DigitsConfig
-from reference_trainers.digits_data import NUM_CLASSES
+from reference_trainers.digits.config import DigitsConfig
+from reference_trainers.digits.data import NUM_CLASSES
 
 ENCODER_TAPS = ("stage1", "stage2", "stage3")  # maps 8x8x16, 4x4x32, 2x2x64
 

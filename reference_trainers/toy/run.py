@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from reference_trainers import toy_plots
-from reference_trainers.sample_metrics import sample_metrics
-from reference_trainers.toy_config import ToyConfig
-from reference_trainers.toy_data import INITS, TARGETS, eval_batch, make_target
+from reference_trainers.common.sample_metrics import sample_metrics
+from reference_trainers.toy import plots as toy_plots
+from reference_trainers.toy.config import ToyConfig
+from reference_trainers.toy.data import INITS, TARGETS, eval_batch, make_target
 
 
 @dataclass

@@ -10,11 +10,11 @@ command line override it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 from dataclasses import dataclass
 
-from reference_trainers.dataclass_cli import dataclass_parser
+from reference_trainers.common.config_cli import dataclass_parser
+from reference_trainers.common.config_cli import parse_config as parse_dataclass
+from reference_trainers.common.schedules import warmup_constant, warmup_cosine
 
 METHODS = ("drifting", "mmd", "gan")
 
@@ -84,14 +84,10 @@ class DigitsConfig:
 
 
 def learning_rate(base: float, cfg: DigitsConfig, step: int) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine decay to 0 (a pure
-    function of the step, so a resumed run uses the same rates)."""
-    if step <= cfg.warmup:
-        return base * step / max(cfg.warmup, 1)
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine to 0 (or constant)."""
     if cfg.lr_schedule == "constant":
-        return base
-    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return warmup_constant(base, step, cfg.warmup)
+    return warmup_cosine(base, step, cfg.steps, cfg.warmup)
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -99,12 +95,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return dataclass_parser(DigitsConfig, description)
 
 
-def config_from_args(given: dict, base: DigitsConfig | None = None) -> DigitsConfig:
-    """base (default DigitsConfig()) with the fields in ``given`` replaced; lists become tuples."""
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return dataclasses.replace(base or DigitsConfig(), **given)
-
-
 def parse_config(argv: list[str] | None, description: str = "") -> DigitsConfig:
     """Defaults <- CLI flags (the trainer handles --resume's checkpoint base)."""
-    return config_from_args(vars(build_parser(description).parse_args(argv)))
+    return parse_dataclass(DigitsConfig, argv, description)

@@ -1,8 +1,8 @@
 """Toy 2-D drifting (paper Fig. 3/4) with PyTorch: an MLP generator trained by driftloss alone.
 
-    python -m reference_trainers.toy2d                          # 8 Gaussians from a collapsed start
-    python -m reference_trainers.toy2d --target all --init all --steps 1000 --out runs/toy2d-grid
-    python -m reference_trainers.toy2d --resume runs/toy2d/checkpoint.pt --steps 3000
+    python -m reference_trainers.toy.toy2d                          # 8 Gaussians from a collapsed start
+    python -m reference_trainers.toy.toy2d --target all --init all --steps 1000 --out runs/toy2d-grid
+    python -m reference_trainers.toy.toy2d --resume runs/toy2d/checkpoint.pt --steps 3000
 
 Each step draws noise z [N, 32] and real samples [P, 2], computes x = G(z) [N, 2], and minimizes
 driftloss.drifting_loss(x, real): x regresses onto stop_gradient(x + V), V the kernel mean-shift field
@@ -20,15 +20,12 @@ import numpy as np
 import torch
 from driftloss.adapters.torch import drift_field, drifting_loss
 
-from reference_trainers.toy_config import (
-    ToyConfig,
-    build_parser,
-    config_from_args,
-    config_from_dict,
-    learning_rate,
-)
-from reference_trainers.toy_data import initial_output, make_target, step_batch
-from reference_trainers.toy_run import (
+from reference_trainers.common.checkpoints import load_checkpoint, save_checkpoint, training_state
+from reference_trainers.common.config_cli import config_with_resume
+from reference_trainers.common.ema import update_ema
+from reference_trainers.toy.config import ToyConfig, build_parser, learning_rate
+from reference_trainers.toy.data import initial_output, make_target, step_batch
+from reference_trainers.toy.run import (
     ProgressLog,
     ToyRun,
     final_metrics,
@@ -71,13 +68,6 @@ def initialize_weights(model: torch.nn.Sequential, cfg: ToyConfig) -> None:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1.0 - decay)
-
-
-@torch.no_grad()
 def generate(model: torch.nn.Module, noise: np.ndarray) -> np.ndarray:
     """samples [n, 2] from noise [n, noise_dim]."""
     return model(torch.from_numpy(noise)).numpy()
@@ -97,13 +87,6 @@ def drift_parts(x: torch.Tensor, pos: torch.Tensor, cfg: ToyConfig, scale: float
     return v_plus.numpy(), v_minus.numpy()
 
 
-def save_checkpoint(path: str, model, ema, opt, step: int, cfg: ToyConfig, run: ToyRun) -> None:
-    """{model, ema, opt, step, config} (+ the run's history so far, for the figures)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "config": cfg.__dict__.copy(), "history": run.__dict__.copy()}, path)
-
-
 def train(cfg: ToyConfig) -> tuple[ToyRun, torch.nn.Module, torch.nn.Module]:
     """Train one (target, init); resume from cfg.resume if set. Returns (run record, model, ema)."""
     torch.set_num_threads(cfg.threads)
@@ -114,7 +97,7 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, torch.nn.Module, torch.nn.Module]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     run, start = ToyRun(), 0
     if cfg.resume:
-        ckpt = torch.load(cfg.resume, weights_only=False)
+        ckpt = load_checkpoint(cfg.resume)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -149,8 +132,10 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, torch.nn.Module, torch.nn.Module]:
             run.snapshots.append((step, generate(ema, eval_noise)))
         log.after_step(run, step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), model, ema, opt, step, cfg, run)
-    save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), model, ema, opt, last, cfg, run)
+            save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"),
+                            training_state(model, ema, opt, step, cfg, history=run.__dict__.copy()))
+    save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"),
+                    training_state(model, ema, opt, last, cfg, history=run.__dict__.copy()))
 
     run.metrics = final_metrics(cfg, lambda z: generate(ema, z), lambda z: generate(model, z))
     return run, model, ema
@@ -158,11 +143,7 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, torch.nn.Module, torch.nn.Module]:
 
 def main(argv: list[str] | None = None) -> dict:
     given = vars(build_parser(__doc__.split("\n")[0]).parse_args(argv))
-    base = None
-    if given.get("resume"):  # the checkpoint's config, then the flags given now
-        given.setdefault("stop_at", 0)  # an interrupted run resumes to its end unless told otherwise
-        base = config_from_dict(torch.load(given["resume"], weights_only=False)["config"])
-    cfg = config_from_args(given, base)
+    cfg = config_with_resume(ToyConfig, given, lambda path: load_checkpoint(path)["config"])
     return run_all(cfg, lambda c: train(c)[0], framework="torch")
 
 

@@ -1,11 +1,11 @@
 """The paper's ablations, replayed on the 2-D toy (8 Gaussians from a collapsed start), one command each.
 
-    python -m reference_trainers.toy2d_ablations --which table1      # anti-symmetry broken (Table 1)
-    python -m reference_trainers.toy2d_ablations --which table11     # kernel normalization (Table 11)
-    python -m reference_trainers.toy2d_ablations --which taus        # multi-tau vs single tau (A.6)
-    python -m reference_trainers.toy2d_ablations --which alloc       # positives/negatives per step (Table 2)
-    python -m reference_trainers.toy2d_ablations --which acceptance  # default run vs the 2x-reference bar
-    python -m reference_trainers.toy2d_ablations --which frameworks  # torch vs JAX, same config
+    python -m reference_trainers.toy.ablations --which table1      # anti-symmetry broken (Table 1)
+    python -m reference_trainers.toy.ablations --which table11     # kernel normalization (Table 11)
+    python -m reference_trainers.toy.ablations --which taus        # multi-tau vs single tau (A.6)
+    python -m reference_trainers.toy.ablations --which alloc       # positives/negatives per step (Table 2)
+    python -m reference_trainers.toy.ablations --which acceptance  # default run vs the 2x-reference bar
+    python -m reference_trainers.toy.ablations --which frameworks  # torch vs JAX, same config
 
 Each setting is trained for every seed (single-threaded runs, ``--workers`` at a time) and the
 section of reference_trainers/RESULTS.md between its markers is rewritten with a markdown table:
@@ -25,7 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from reference_trainers.toy_config import ToyConfig, build_parser, config_from_args
+from reference_trainers.common.config_cli import config_from_args
+from reference_trainers.toy.config import ToyConfig, build_parser
 
 RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
 
@@ -81,9 +82,9 @@ def _train_one(args: tuple[dict, str]) -> dict:
     cfg_dict, framework = args
     cfg = ToyConfig(**cfg_dict)
     if framework == "jax":
-        from reference_trainers import toy2d_jax as trainer
+        from reference_trainers.toy import toy2d_jax as trainer
     else:
-        from reference_trainers import toy2d as trainer
+        from reference_trainers.toy import toy2d as trainer
     return trainer.train(cfg)[0].metrics
 
 
@@ -177,9 +178,9 @@ def main(argv: list[str] | None = None) -> str:
     args, rest = own.parse_known_args(argv)
     given = vars(build_parser(__doc__.split("\n")[0]).parse_args(rest))
     defaults = {"steps": 800, "out": "runs/toy2d_ablations", "plots": False, "progress": False, "threads": 1}
-    base = config_from_args({**defaults, **given})
+    base = config_from_args(ToyConfig, {**defaults, **given})
     rows = run_ablation(args.which, base, args.seeds, args.workers)
-    command = "python -m reference_trainers.toy2d_ablations " + " ".join(argv)
+    command = "python -m reference_trainers.toy.ablations " + " ".join(argv)
     section = format_section(args.which, command, rows, base, args.seeds)
     write_section(section, args.which, args.results)
     print(section)

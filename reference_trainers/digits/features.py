@@ -19,9 +19,9 @@ from driftloss.adapters.torch_features import FeatureTaps, encoder_groups
 from torch import nn
 
 import driftloss
-from reference_trainers.digits_config import DigitsConfig
-from reference_trainers.digits_data import StepBatch
-from reference_trainers.digits_models import ENCODER_TAPS
+from reference_trainers.digits.config import DigitsConfig
+from reference_trainers.digits.data import StepBatch
+from reference_trainers.digits.models import ENCODER_TAPS
 
 Groups = dict[str, torch.Tensor]
 

@@ -1,7 +1,7 @@
-"""Toy 2-D drifting with JAX (equinox MLP + optax Adam), the same run as reference_trainers.toy2d.
+"""Toy 2-D drifting with JAX (equinox MLP + optax Adam), the same run as reference_trainers.toy.toy2d.
 
-    python -m reference_trainers.toy2d_jax                      # 8 Gaussians from a collapsed start
-    python -m reference_trainers.toy2d_jax --resume runs/toy2d_jax/checkpoint.pkl --steps 3000
+    python -m reference_trainers.toy.toy2d_jax                      # 8 Gaussians from a collapsed start
+    python -m reference_trainers.toy.toy2d_jax --resume runs/toy2d_jax/checkpoint.pkl --steps 3000
 
 Same config, data stream (toy_data.step_batch), initialization rule, EMA, metrics and figures as the
 torch trainer; the loss is driftloss.adapters.jax.drifting_loss inside one jitted train step. The
@@ -24,15 +24,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from driftloss.adapters.jax import drift_field, drifting_loss  # noqa: E402
 
-from reference_trainers.toy_config import (  # noqa: E402
-    ToyConfig,
-    build_parser,
-    config_from_args,
-    config_from_dict,
-    learning_rate,
-)  # noqa: E402
-from reference_trainers.toy_data import initial_output, make_target, step_batch  # noqa: E402
-from reference_trainers.toy_run import (  # noqa: E402
+from reference_trainers.common.config_cli import config_with_resume  # noqa: E402
+from reference_trainers.toy.config import ToyConfig, build_parser, learning_rate  # noqa: E402
+from reference_trainers.toy.data import initial_output, make_target, step_batch  # noqa: E402
+from reference_trainers.toy.run import (  # noqa: E402
     ProgressLog,
     ToyRun,
     final_metrics,
@@ -130,8 +125,7 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, eqx.nn.MLP, eqx.nn.MLP]:
     opt_state = opt.init(eqx.filter(model, eqx.is_array))
     run, start = ToyRun(), 0
     if cfg.resume:
-        with open(cfg.resume, "rb") as f:
-            ckpt = pickle.load(f)
+        ckpt = _load_pickle(cfg.resume)
         model, ema = _restore(model, ckpt["model"]), _restore(ema, ckpt["ema"])
         opt_state = _restore(opt_state, ckpt["opt"])
         run, start = ToyRun(**ckpt["history"]), ckpt["step"]
@@ -165,16 +159,16 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, eqx.nn.MLP, eqx.nn.MLP]:
     return run, model, ema
 
 
+def _load_pickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
 def main(argv: list[str] | None = None) -> dict:
     given = vars(build_parser(__doc__.split("\n")[0]).parse_args(argv))
-    base = None
-    if given.get("resume"):  # the checkpoint's config, then the flags given now
-        given.setdefault("stop_at", 0)  # an interrupted run resumes to its end unless told otherwise
-        with open(given["resume"], "rb") as f:
-            base = config_from_dict(pickle.load(f)["config"])
-    else:
+    if not given.get("resume"):
         given.setdefault("out", "runs/toy2d_jax")
-    cfg = config_from_args(given, base)
+    cfg = config_with_resume(ToyConfig, given, lambda path: _load_pickle(path)["config"])
     return run_all(cfg, lambda c: train(c)[0], framework="jax")
 
 

@@ -15,9 +15,9 @@ import os
 import torch
 from torch import nn
 
-from reference_trainers.digits_config import DigitsConfig
-from reference_trainers.digits_data import Digits, DigitsSplit, shifted
-from reference_trainers.digits_models import EvalClassifier, FeatureEncoder, initialize_weights
+from reference_trainers.digits.config import DigitsConfig
+from reference_trainers.digits.data import Digits, DigitsSplit, shifted
+from reference_trainers.digits.models import EvalClassifier, FeatureEncoder, initialize_weights
 
 ENCODER_SEED = 1
 CLASSIFIER_SEED = 2

@@ -1,8 +1,8 @@
 """Class-conditional drifting on scikit-learn's 8x8 digits, with guidance (paper §3.4, §3.5, A.5, A.7).
 
-    python -m reference_trainers.digits --out runs/digits   # drifting; ~9 min measured on 2 busy cores
-    python -m reference_trainers.digits --method gan --out runs/digits-gan  # a baseline, same budget
-    python -m reference_trainers.digits --resume runs/digits/checkpoint.pt --steps 3000
+    python -m reference_trainers.digits.train --out runs/digits   # drifting; ~9 min measured on 2 busy cores
+    python -m reference_trainers.digits.train --method gan --out runs/digits-gan  # a baseline, same budget
+    python -m reference_trainers.digits.train --resume runs/digits/checkpoint.pt --steps 3000
 
 Each step takes G classes; for each, N generated digits x = Gen(z, c, alpha), P real digits of class c
 and M unconditional real digits (any class). alpha ~ p(alpha) ∝ alpha^-k on [1, alpha_max] per class
@@ -28,13 +28,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from reference_trainers.digits_baselines import GANObjective, MMDObjective
-from reference_trainers.digits_config import DigitsConfig, build_parser, config_from_args, learning_rate
-from reference_trainers.digits_data import load_digit_splits, step_batch
-from reference_trainers.digits_eval import evaluate, plot_fd_vs_alpha, plot_sample_grid
-from reference_trainers.digits_features import DriftingObjective
-from reference_trainers.digits_models import Generator, initialize_weights
-from reference_trainers.digits_pretrain import load_or_pretrain_encoder, load_or_train_eval_classifier
+from reference_trainers.common.checkpoints import load_checkpoint, save_checkpoint, training_state
+from reference_trainers.common.config_cli import config_with_resume
+from reference_trainers.common.ema import update_ema
+from reference_trainers.digits.baselines import GANObjective, MMDObjective
+from reference_trainers.digits.config import DigitsConfig, build_parser, learning_rate
+from reference_trainers.digits.data import load_digit_splits, step_batch
+from reference_trainers.digits.evaluate import evaluate, plot_fd_vs_alpha, plot_sample_grid
+from reference_trainers.digits.features import DriftingObjective
+from reference_trainers.digits.models import Generator, initialize_weights
+from reference_trainers.digits.pretrain import load_or_pretrain_encoder, load_or_train_eval_classifier
 
 
 def sample_alpha(u: torch.Tensor, u_one: torch.Tensor, power: float, high: float,
@@ -53,13 +56,6 @@ def sample_alpha(u: torch.Tensor, u_one: torch.Tensor, power: float, high: float
     return torch.where(u_one < one_fraction, torch.ones_like(alpha), alpha)
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1.0 - decay)
-
-
 def make_objective(cfg: DigitsConfig, data):
     """The method's loss: DriftingObjective / MMDObjective (with the pre-trained encoder) / GANObjective."""
     if cfg.method == "gan":
@@ -73,15 +69,6 @@ def make_optimizer(cfg: DigitsConfig, model: torch.nn.Module) -> tuple[torch.opt
     if cfg.method == "gan":
         return torch.optim.Adam(model.parameters(), lr=cfg.gan_lr, betas=(cfg.gan_beta1, 0.999)), cfg.gan_lr
     return torch.optim.Adam(model.parameters(), lr=cfg.lr), cfg.lr
-
-
-def save_checkpoint(path: str, model, ema, opt, objective, step: int, cfg: DigitsConfig,
-                    history: dict) -> None:
-    """{model, ema, opt, step, config} + the objective's state (GAN discriminator) and the log history."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "config": dataclasses.asdict(cfg), "objective": objective.state_dict(), "history": history},
-               path)
 
 
 def log_line(step: int, loss: float, logs: dict, samples_per_s: float) -> str:
@@ -105,7 +92,7 @@ def train(cfg: DigitsConfig) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
     history, start = {"step": [], "loss": [], "logs": [], "samples_per_s": 0.0, "train_seconds": 0.0,
                       "train_cpu_seconds": 0.0}, 0
     if cfg.resume:
-        ckpt = torch.load(cfg.resume, weights_only=False)
+        ckpt = load_checkpoint(cfg.resume)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -152,8 +139,10 @@ def train(cfg: DigitsConfig) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
                 f.write(line + "\n")
             t0, c0 = time.perf_counter(), time.process_time()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, model, ema, opt, objective, step, cfg, history)
-    save_checkpoint(ckpt_path, model, ema, opt, objective, last, cfg, history)
+            save_checkpoint(ckpt_path, training_state(model, ema, opt, step, cfg, history=history,
+                                                      objective=objective.state_dict()))
+    save_checkpoint(ckpt_path, training_state(model, ema, opt, last, cfg, history=history,
+                                              objective=objective.state_dict()))
     return history, model, ema
 
 
@@ -201,11 +190,7 @@ def run(cfg: DigitsConfig) -> dict:
 def config_from_cli(argv: list[str] | None, description: str) -> DigitsConfig:
     """Defaults <- flags; with --resume the checkpoint's config is the base and the flags override it."""
     given = vars(build_parser(description).parse_args(argv))
-    base = None
-    if given.get("resume"):
-        given.setdefault("stop_at", 0)  # an interrupted run resumes to its end unless told otherwise
-        base = config_from_args(torch.load(given["resume"], weights_only=False)["config"])
-    return config_from_args(given, base)
+    return config_with_resume(DigitsConfig, given, lambda path: load_checkpoint(path)["config"])
 
 
 def main(argv: list[str] | None = None) -> dict:

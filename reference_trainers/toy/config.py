@@ -10,11 +10,11 @@ command line override it (so ``--resume ckpt.pt --steps 3000`` continues the sam
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 from dataclasses import dataclass
 
-from reference_trainers.dataclass_cli import dataclass_parser
+from reference_trainers.common.config_cli import dataclass_parser
+from reference_trainers.common.config_cli import parse_config as parse_dataclass
+from reference_trainers.common.schedules import warmup_cosine
 
 
 @dataclass
@@ -65,7 +65,7 @@ def learning_rate(cfg: ToyConfig, step: int) -> float:
     """
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / cfg.steps))
+    return warmup_cosine(cfg.lr, step, cfg.steps)
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -73,17 +73,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return dataclass_parser(ToyConfig, description)
 
 
-def config_from_args(given: dict, base: ToyConfig | None = None) -> ToyConfig:
-    """base (default ToyConfig()) with the fields in ``given`` replaced; tuples normalized."""
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return dataclasses.replace(base or ToyConfig(), **given)
-
-
-def config_from_dict(d: dict) -> ToyConfig:
-    """ToyConfig from a checkpoint's saved dict (lists back to tuples)."""
-    return config_from_args(d, ToyConfig())
-
-
 def parse_config(argv: list[str] | None, description: str = "") -> ToyConfig:
     """Defaults <- CLI flags (without --resume handling; the trainers handle the checkpoint base)."""
-    return config_from_args(vars(build_parser(description).parse_args(argv)))
+    return parse_dataclass(ToyConfig, argv, description)

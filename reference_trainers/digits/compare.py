@@ -1,9 +1,9 @@
 """Drifting vs an MMD generator vs a non-saturating GAN on the 8x8 digits: same generator, data and budget.
 
-    python -m reference_trainers.digits_compare --out runs/digits-compare
-    python -m reference_trainers.digits_compare --out runs/digits-compare --steps 300   # any digits flag
+    python -m reference_trainers.digits.compare --out runs/digits-compare
+    python -m reference_trainers.digits.compare --out runs/digits-compare --steps 300   # any digits flag
 
-Trains each method with ``reference_trainers.digits`` (outputs in --out/<method>/), then writes
+Trains each method with ``reference_trainers.digits.train`` (outputs in --out/<method>/), then writes
 --out/comparison.md (one row per method: FD-digits and accuracy at alpha = 1 and at the best alpha of the
 curve, throughput) with the guidance table of the drifting run (FD and accuracy per alpha), --out/
 comparison.json and --out/fd_vs_alpha.png (every method's curve; only drifting is trained with alpha).
@@ -19,9 +19,9 @@ import sys
 
 import torch
 
-from reference_trainers.digits import config_from_cli, run
-from reference_trainers.digits_config import METHODS, DigitsConfig
-from reference_trainers.digits_eval import plot_fd_vs_alpha
+from reference_trainers.digits.config import METHODS, DigitsConfig
+from reference_trainers.digits.evaluate import plot_fd_vs_alpha
+from reference_trainers.digits.train import config_from_cli, run
 
 
 def comparison_table(results: dict[str, dict]) -> str:

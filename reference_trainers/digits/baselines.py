@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
-from reference_trainers.digits_config import DigitsConfig
-from reference_trainers.digits_data import StepBatch
-from reference_trainers.digits_features import FeatureSpace
-from reference_trainers.digits_models import Discriminator, initialize_weights
+from reference_trainers.digits.config import DigitsConfig
+from reference_trainers.digits.data import StepBatch
+from reference_trainers.digits.features import FeatureSpace
+from reference_trainers.digits.models import Discriminator, initialize_weights
 
 DISC_SEED_OFFSET = 1000  # the discriminator's init seed is cfg.seed + this
 

@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 
-from reference_trainers.digits_config import DigitsConfig  # noqa: E402
-from reference_trainers.digits_data import NUM_CLASSES, Digits  # noqa: E402
-from reference_trainers.sample_metrics import energy_distance  # noqa: E402
+from reference_trainers.common.sample_metrics import energy_distance  # noqa: E402
+from reference_trainers.digits.config import DigitsConfig  # noqa: E402
+from reference_trainers.digits.data import NUM_CLASSES, Digits  # noqa: E402
 
 ED_SAMPLES = 500  # energy distance is O(n^2) in memory; FD uses every sample
 

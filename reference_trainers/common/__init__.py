@@ -1,0 +1,1 @@
+"""What the trainer families share: config -> CLI, EMA, checkpoints, schedules, sample metrics."""
