@@ -16,6 +16,8 @@ Columns: ablation (B/2, 100 epochs) | latent-b2 | latent-l2 | pixel-b16 | pixel-
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 DEFAULT_TAUS = (0.02, 0.05, 0.2)
@@ -25,7 +27,7 @@ DEFAULT_TAUS = (0.02, 0.05, 0.2)
 class Preset:
     name: str
     # --- data: what the generator produces and the encoder reads ---------------------------------------
-    space: str                      # "latent": SD-VAE latents [4, 32, 32] (x 0.18215); "pixel": [3, H, W] in [-1, 1]
+    space: str                      # "latent": SD-VAE latents [4, 32, 32] x 0.18215; "pixel": images
     image_size: int = 256           # the images' side (the VAE's input for latent presets)
     channels: int = 4               # generator output channels: 4 (latent) or 3 (pixel)
     size: int = 32                  # generator output side: 32 (latent) or image_size (pixel)
@@ -102,20 +104,22 @@ PRESETS: dict[str, Preset] = {
                n_unc=16, queue_push=64, alpha_power=3.0, eval_alpha=2.0,
                eval_alphas=(1.0, 1.5, 2.0, 2.5, 3.0, 3.5)),
         Preset("latent-b2", **_LATENT, weight_decay=0.0, n_pos=128,  # the release: n_pos=64
-               queue_push=64, alpha_power=3.0, eval_alpha=1.1),
+               queue_push=64, eval_alpha=1.1),
         Preset("latent-l2", **_LATENT, hidden=1024, depth=24, heads=16, n_pos=64, queue_push=64,
                alpha_power=3.0, alpha_one_fraction=0.5, eval_alpha=1.0),
         Preset("pixel-b16", **_PIXEL, lr=2e-4, steps=100_000),
         Preset("pixel-l16", **_PIXEL, hidden=1024, depth=24, heads=16, steps=100_000),
         # Tiny presets: the same code paths, sized for a step in seconds on 2 CPU cores (tests, smoke runs).
         Preset("latent-tiny", **_LATENT, num_classes=10, hidden=64, depth=2, heads=2, register_tokens=4,
-               style_tokens=4, style_codebook=8, encoder_width=8, mae_batch=16, mae_warmup=2, mae_steps=20,
+               style_tokens=4, style_codebook=8, encoder_width=8, encoder_blocks=(2, 2, 2, 2),
+               mae_batch=16, mae_warmup=2, mae_steps=20,
                cls_finetune_steps=4, cls_ramp_steps=2, lr=1e-3, warmup_steps=2, steps=20,
                ema_decays=(0.9, 0.99), n_classes=2, n_pos=8, n_neg=8, n_unc=4, queue_per_class=16,
                queue_uncond=32, queue_push=8, alpha_power=3.0, eval_alphas=(1.0, 2.0)),
         Preset("pixel-tiny", space="pixel", image_size=64, channels=3, size=64, patch_size=4, encoder_patch=2,
                convnext="convnextv2_atto", num_classes=10, hidden=64, depth=2, heads=2, register_tokens=4,
-               style_tokens=4, style_codebook=8, encoder_width=8, mae_batch=16, mae_warmup=2, mae_steps=20,
+               style_tokens=4, style_codebook=8, encoder_width=8, encoder_blocks=(2, 2, 2, 2),
+               mae_batch=16, mae_warmup=2, mae_steps=20,
                cls_finetune_steps=4, cls_ramp_steps=2, lr=1e-3, warmup_steps=2, steps=20,
                ema_decays=(0.9, 0.99), n_classes=2, n_pos=8, n_neg=8, n_unc=4, queue_per_class=16,
                queue_uncond=32, queue_push=8, alpha_power=3.0, eval_alphas=(1.0, 2.0)),
@@ -129,3 +133,25 @@ def get_preset(name: str, **overrides) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def preset_with_overrides(preset: Preset, assignments: Sequence[str]) -> Preset:
+    """``preset`` with "FIELD=VALUE" assignments applied (values parsed by the field's type; tuples
+    comma-separated, e.g. "ema_decays=0.999,0.9999"); clear errors for unknown fields or bad values."""
+    hints = typing.get_type_hints(Preset)
+    changes = {}
+    for item in assignments:
+        field, sep, text = item.partition("=")
+        if not sep or field not in hints or field == "name":
+            known = ", ".join(f.name for f in dataclasses.fields(Preset) if f.name != "name")
+            raise ValueError(f"preset override {item!r}: expected FIELD=VALUE with FIELD one of {known}")
+        kind = hints[field]
+        try:
+            if typing.get_origin(kind) is tuple:
+                item_type = typing.get_args(kind)[0]
+                changes[field] = tuple(item_type(v) for v in text.split(",") if v)
+            else:
+                changes[field] = kind(text)
+        except ValueError as e:
+            raise ValueError(f"preset override {item!r}: {text!r} is not a valid {kind}") from e
+    return dataclasses.replace(preset, **changes)

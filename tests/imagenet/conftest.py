@@ -1,0 +1,12 @@
+"""Make the checkout's reference_trainers importable (it is not in the wheel, DESIGN §5).
+
+Appended, not prepended, to sys.path: ``driftloss`` must still come from the installed package,
+which maps adapters/ to ``driftloss.adapters``; the checkout's driftloss/ folder alone lacks it.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
