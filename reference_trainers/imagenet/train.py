@@ -16,6 +16,7 @@ See docs/imagenet_recipe.md for the recipe and README for each Table 8 row's com
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -73,6 +74,8 @@ class TrainConfig:
     precision: str = option("auto", 'networks under "bf16" autocast or in "fp32"; "auto": bf16 on CUDA, fp32 '
                             "on CPUs; the drifting loss is float32 always", choices=("auto", "bf16", "fp32"))
     fsdp: bool = option(False, "shard the generator and its EMAs with FSDP over the processes (default DDP)")
+    chunks: int = option(1, "run each process's classes in K chunks, accumulating gradients: K-fold less "
+                         "feature memory; S and lambda become per-chunk statistics", ge=1)
     threads: int = option(0, "torch CPU threads per process; 0: torch's default (1 is fastest on a busy "
                           "CPU)", ge=0)
     log_every: int = option(10, "steps between log lines, TensorBoard scalars and step-time splits", ge=1,
@@ -166,31 +169,66 @@ class StepResult(NamedTuple):
 def train_step(net: nn.Module, model: nn.Module, emas: list[nn.Module], opt: torch.optim.Optimizer,
                objective: FeatureObjective, preset: Preset, step: int, classes: torch.Tensor,
                pos: torch.Tensor, uncond: torch.Tensor, gen: torch.Generator, autocast: bool,
-               timer: StepTimer | None = None) -> StepResult:
+               timer: StepTimer | None = None, chunks: int = 1) -> StepResult:
     """One optimizer step on this process's classes [G] (pos [G, P, ...], uncond [G, M, ...] on the
     device): draw the inputs from ``gen``, the guided drifting loss, backward (DDP/FSDP reduce the
     gradients), warmup LR, clipping, AdamW, the EMAs. ``net`` is ``model`` or its DDP/FSDP wrapper.
-    A non-finite loss stops with NonFiniteLoss naming the step and the feature groups."""
+
+    ``chunks`` > 1 runs the classes in that many groups one after another, accumulating the gradient of
+    the mean loss: the feature groups' memory falls K-fold, and the drifting statistics S and lambda become
+    those of each chunk (still global across processes). A non-finite loss stops with NonFiniteLoss naming
+    the step and the feature groups."""
     inputs = draw_inputs(preset, classes, gen)
-    try:
-        loss, stats = drifting_step(net, objective, inputs, pos, uncond, autocast, timer)
-    except ValueError as e:  # driftloss refuses non-finite features: name the step
-        if "finite" not in str(e):
-            raise
-        raise NonFiniteLoss(f"step {step}: {e}") from e
-    check_finite(loss, stats, step)
+    G = classes.shape[0]
+    if not 1 <= chunks <= G or G % chunks:
+        raise ValueError(f"chunks={chunks} must divide this process's {G} classes")
+    opt.zero_grad(set_to_none=True)
+    size, N = G // chunks, preset.n_neg
+    total, stats = torch.zeros((), device=classes.device), {}
+    for i in range(chunks):
+        lo, hi = i * size, (i + 1) * size
+        part = StepInputs(inputs.labels[lo * N:hi * N], inputs.alpha[lo:hi], inputs.noise[lo * N:hi * N],
+                          inputs.style[lo * N:hi * N])
+        with _gradient_sync(net, enabled=i == chunks - 1):
+            try:
+                loss, stats = drifting_step(net, objective, part, pos[lo:hi], uncond[lo:hi], autocast, timer)
+            except ValueError as e:  # driftloss refuses non-finite features: name the step
+                if "finite" not in str(e):
+                    raise
+                raise NonFiniteLoss(f"step {step}: {e}") from e
+            check_finite(loss, stats, step)
+            (loss / chunks).backward()
+        total += loss.detach() / chunks
+        _mark(timer, "backward")
     lr = warmup_constant(preset.lr, step, preset.warmup_steps, preset.warmup_start)
     for group in opt.param_groups:
         group["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    _mark(timer, "backward")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), preset.grad_clip)
     opt.step()
     for ema, decay in zip(emas, preset.ema_decays):
         update_ema(ema, model, decay)
     _mark(timer, "optimizer")
-    return StepResult(loss.detach(), stats, inputs.alpha, lr, grad_norm)
+    return StepResult(total if chunks > 1 else loss.detach(), stats, inputs.alpha, lr, grad_norm)
+
+
+def _gradient_sync(net: nn.Module, enabled: bool):
+    """Hold back DDP's/FSDP's gradient reduction for all but the last chunk of a step."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(net)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(net: nn.Module):
+    net.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
 
 
 class StepTimer:
@@ -317,7 +355,7 @@ def _loop(cfg, preset, dist_info, net, model, emas, opt, source, objective, star
         _mark(timer, "data")
         gen = step_generator(device, cfg.seed, dist_info.rank, step)
         result = train_step(net, model, emas, opt, objective, preset, step, classes, pos, uncond, gen,
-                            autocast, timer if timed else None)
+                            autocast, timer if timed else None, cfg.chunks)
         steps_since += 1
         if timed:
             now = time.perf_counter()
@@ -431,10 +469,18 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
-    given = vars(build_parser().parse_args(argv))
-    cfg = config_with_resume(TrainConfig, given, lambda path: load_checkpoint(path)["config"])
+    parser = build_parser()
+    cfg = config_with_resume(TrainConfig, vars(parser.parse_args(argv)),
+                             lambda path: load_checkpoint(path)["config"])
     if not cfg.data:
-        build_parser().error("--data is required (a latents folder or an image folder)")
+        parser.error("--data is required (a latents folder or an image folder)")
+    if not os.path.isdir(cfg.data):
+        parser.error(f"--data {cfg.data!r} is not a folder (make one with the module "
+                     "reference_trainers.imagenet.latents, or .synthetic_data for a smoke run)")
+    try:
+        preset_with_overrides(get_preset(cfg.preset), cfg.set)
+    except ValueError as e:
+        parser.error(f"--set: {e}")
     return train(cfg)
 
 

@@ -15,47 +15,15 @@ from reference_trainers.imagenet.encoder import build_encoder
 from reference_trainers.imagenet.generator import Generator
 from reference_trainers.imagenet.objective import FeatureObjective
 from reference_trainers.imagenet.presets import get_preset
+from reference_trainers.imagenet.synthetic_data import write_images, write_latents
 from reference_trainers.imagenet.train import StepInputs, draw_inputs, drifting_step
 
 FAST = ["--no-progress", "--grid-every", "0", "--log-every", "1", "--checkpoint-every", "0", "--threads", "1"]
 
 
-def write_latents(root, classes=3, per_class=12, seed=0):
-    """A latents folder in the driftloss-latents-v1 format: [n, 2, 4, 32, 32] float16 + labels."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    labels = np.repeat(np.arange(classes), per_class).astype(np.int64)
-    centres = rng.normal(size=(classes, 1, 4, 1, 1))
-    latents = (centres[labels] + 0.5 * rng.normal(size=(labels.size, 2, 4, 32, 32))).astype(np.float16)
-    np.save(os.path.join(root, "latents-00000.npy"), latents)
-    np.save(os.path.join(root, "labels-00000.npy"), labels)
-    manifest = {"format": "driftloss-latents-v1", "count": int(labels.size), "shape": [2, 4, 32, 32],
-                "dtype": "float16", "scale": 0.18215, "image_size": 256,
-                "classes": [f"n{c:08d}" for c in range(classes)],
-                "shards": [{"latents": "latents-00000.npy", "labels": "labels-00000.npy",
-                            "count": int(labels.size)}], "skipped": [], "vae": "test"}
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-    return str(root)
-
-
-def write_images(root, classes=2, per_class=10, size=72, seed=0):
-    """An image folder root/<class>/<i>.png of coloured noise patterns."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
-        for i in range(per_class):
-            base = rng.integers(0, 256, size=3)
-            img = np.clip(base + rng.normal(scale=40, size=(size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(os.path.join(root, f"class{c}", f"{i}.png"))
-    return str(root)
-
-
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
-    return write_latents(tmp_path_factory.mktemp("latents"))
+    return write_latents(str(tmp_path_factory.mktemp("latents")))
 
 
 def _run(tmp, data, *extra, preset="latent-tiny"):
@@ -83,7 +51,7 @@ def test_bf16_autocast_step(tmp_path, latents):
 
 
 def test_guided_steps_from_pixels(tmp_path):
-    images = write_images(tmp_path / "images")
+    images = write_images(str(tmp_path / "images"))
     summary = _run(tmp_path / "run", images, "--set", "steps=2", preset="pixel-tiny")
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
 
@@ -251,3 +219,30 @@ def test_sharded_run_checkpoints_whole_weights_that_resume_in_one_process(tmp_pa
     with pytest.warns(UserWarning, match="sample queues restart"):  # each rank's queue state is its own
         summary = train.main(["--resume", str(out / "checkpoint.pt"), *FAST])
     assert summary["step"] == 3
+
+
+def test_chunks_accumulate_the_mean_gradient_of_the_class_chunks():
+    """chunks=2 over 4 classes: the gradient is the mean of the two halves' gradients, each half a drifting
+    loss with its own statistics (lr 0 and no clipping, so the step leaves the gradient readable)."""
+    from reference_trainers.imagenet.train import train_step
+
+    preset = get_preset("latent-tiny", n_neg=4, num_classes=4, lr=0.0, grad_clip=1e9)
+    inputs, pos, uncond = _fixed_batch(preset)
+    halves = []
+    for lo, hi in ((0, 2), (2, 4)):
+        _, grads = _loss_and_grads(_model(preset), preset, _slice(inputs, lo, hi, preset.n_neg), pos[lo:hi],
+                                   uncond[lo:hi])
+        halves.append(grads)
+    model = _model(preset)
+    torch.manual_seed(0)
+    objective = FeatureObjective({"resnet": build_encoder(preset, seed=1)}, preset.taus)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(7)  # _fixed_batch's draws: the same inputs
+    result = train_step(model, model, [], opt, objective, preset, 1, torch.tensor([0, 3, 1, 2]), pos, uncond,
+                        gen, autocast=False, chunks=2)
+    assert np.isfinite(float(result.loss))
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        want = (halves[0][name] + halves[1][name]) / 2
+        assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max() + 1e-12, name
