@@ -3,7 +3,7 @@
 Works under ``jax.jit``, ``jax.grad``, ``jax.vmap`` (each vmapped slice is its own call, with
 its own S and lambda) and in jitted optax steps. Distance and drift products run at
 ``Precision.HIGHEST``: JAX's default GPU precision is TF32-like and loses ~12% on small
-squared distances (DESIGN §7). On GPUs, ``jax_fast.ACCELERATOR_PRODUCTS = "tf32x3"`` opts into
+squared distances (docs/design.md §7). On GPUs, ``jax_fast.ACCELERATOR_PRODUCTS = "tf32x3"`` opts into
 XLA's three-pass TF32 products (float32-faithful, faster on tensor cores).
 """
 
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from driftloss.adapters import jax_fast
 
+from driftloss._arrays import PYTHON_VALUES as _PYTHON_VALUES
 from driftloss._backends import Backend
 from driftloss._loss import DEFAULT_TAUS
 from driftloss._loss import drift_field as _drift_field
@@ -43,7 +44,8 @@ BACKEND = Backend(
 def drifting_loss(x: jax.Array, pos: jax.Array, neg: jax.Array | None = None,
                   taus: float | Sequence[float] = DEFAULT_TAUS, *, axis_name: Any = None,
                   **options: Any) -> Any:
-    """``driftloss.drifting_loss`` for JAX arrays (namespace passed explicitly).
+    """``driftloss.drifting_loss`` for JAX arrays (namespace passed explicitly); NumPy arrays and
+    Python lists are converted.
 
     ``axis_name``: inside shard_map/pmap, psum S and lambda over this mapped axis so the replicas
     compute the single-device loss. Under plain ``jit`` with globally sharded arrays nothing is
@@ -63,7 +65,12 @@ def drift_field(x: jax.Array, pos: jax.Array, neg: jax.Array | None = None,
 
 
 def _as_jax(x: Any, pos: Any, neg: Any, options: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """NumPy inputs (constants of a jitted step, say) as JAX arrays; tracers pass through."""
-    weights = {k: jnp.asarray(options[k]) for k in ("x_weight", "pos_weight", "neg_weight")
+    """NumPy inputs (constants of a jitted step, say) as JAX arrays; tracers pass through. Python
+    lists and numbers become arrays in the core (floating point), as on the other backends."""
+
+    def array(a: Any) -> Any:
+        return a if a is None or isinstance(a, _PYTHON_VALUES) else jnp.asarray(a)
+
+    weights = {k: array(options[k]) for k in ("x_weight", "pos_weight", "neg_weight")
                if options.get(k) is not None}
-    return jnp.asarray(x), jnp.asarray(pos), None if neg is None else jnp.asarray(neg), {**options, **weights}
+    return array(x), array(pos), array(neg), {**options, **weights}

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat.torch as xp_torch
+import numpy as np
 import torch
 from driftloss.adapters import torch_fast, torch_fused, torch_regression
 
@@ -22,7 +23,7 @@ from driftloss._loss import drifting_loss as _drifting_loss
 
 
 def _field_context(a: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off (it would run the distance product in half precision, DESIGN §7) and, in eager
+    """Autocast off (it would run the distance product in half precision, docs/design.md §7) and, in eager
     mode, full float32 matmuls. Under torch.compile the precision cannot be set inside the graph:
     compiled products follow the precision in force when compiling."""
     if torch.compiler.is_compiling():
@@ -89,20 +90,41 @@ BACKEND = Backend(
 def drifting_loss(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None,
                   taus: float | Sequence[float] = DEFAULT_TAUS, *, process_group: Any = None,
                   **options: Any) -> Any:
-    """``driftloss.drifting_loss`` for torch tensors (namespace passed explicitly).
+    """``driftloss.drifting_loss`` for torch tensors (namespace passed explicitly); NumPy arrays and
+    Python lists are converted to tensors.
 
     ``process_group``: all-reduce S and lambda over this group (default: the whole world when
     torch.distributed is initialized).
     """
     if process_group is not None:
         options["cross_replica_sum"] = replica_sum(process_group)
+    x, pos, neg, options = _as_torch(x, pos, neg, options)
     return _drifting_loss(x, pos, neg, taus, xp=xp_torch, **options)
 
 
 def drift_field(x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None,
                 tau: float | Sequence[float] = 0.05, **options: Any) -> Any:
     """``driftloss.drift_field`` for torch tensors (namespace passed explicitly)."""
+    x, pos, neg, options = _as_torch(x, pos, neg, options)
     return _drift_field(x, pos, neg, tau, xp=xp_torch, **options)
+
+
+_WEIGHTS = ("x_weight", "pos_weight", "neg_weight")
+
+
+def _as_torch(x: Any, pos: Any, neg: Any, options: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """NumPy arrays among the inputs as tensors (sharing memory on the CPU) on the device of the
+    first tensor; Python lists and numbers become tensors in the core (floating point, that device)."""
+    given = [x, pos, neg, *(options.get(k) for k in _WEIGHTS)]
+    if not any(isinstance(a, np.ndarray) for a in given):
+        return x, pos, neg, options
+    device = next((a.device for a in given if isinstance(a, torch.Tensor)), None)
+
+    def tensor(a: Any) -> Any:
+        return torch.as_tensor(a, device=device) if isinstance(a, np.ndarray) else a
+
+    weights = {k: tensor(options[k]) for k in _WEIGHTS if options.get(k) is not None}
+    return tensor(x), tensor(pos), tensor(neg), {**options, **weights}
 
 
 class DriftingLoss(torch.nn.Module):
@@ -126,8 +148,9 @@ class DriftingLoss(torch.nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, *,
                 x_weight: torch.Tensor | None = None, pos_weight: torch.Tensor | None = None,
                 neg_weight: torch.Tensor | None = None) -> Any:
-        return _drifting_loss(x, pos, neg, self.taus, x_weight=x_weight, pos_weight=pos_weight,
-                              neg_weight=neg_weight, xp=xp_torch, **self.options)
+        x, pos, neg, weights = _as_torch(x, pos, neg, {"x_weight": x_weight, "pos_weight": pos_weight,
+                                                       "neg_weight": neg_weight})
+        return _drifting_loss(x, pos, neg, self.taus, **weights, xp=xp_torch, **self.options)
 
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())

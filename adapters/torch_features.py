@@ -147,7 +147,7 @@ def _blocks_of(stage: str, module: nn.Module) -> tuple[str, list[str]]:
 def encoder_groups(taps: FeatureTaps, images: torch.Tensor, *, patch_sizes: Sequence[int] = (2, 4),
                    layout: str = "NCHW", with_input: bool = True, with_global: bool = True
                    ) -> dict[str, torch.Tensor]:
-    """The feature groups (DESIGN §4) of images [..., n, C, H, W]: name -> [..., n, L, C'].
+    """The feature groups (docs/design.md §4) of images [..., n, C, H, W]: name -> [..., n, L, C'].
 
     For each tapped map "<module>": "<module>.loc", ".mean", ".std", ".mean_<p>", ".std_<p>"
     (``driftloss.feature_groups``; patch sizes larger than a map are skipped for that map);

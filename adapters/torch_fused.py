@@ -297,7 +297,7 @@ def _bucket_loss(groups: list[Group], grads: list[torch.Tensor], n: int, m: int,
                  WHILE=K.INTERPRETED,
                  num_warps=tiling.warps))
 
-    # S per group: weighted mean distance over its problems, rows and columns (DESIGN §2 step 2).
+    # S per group: weighted mean distance over its problems, rows and columns (docs/design.md §2 step 2).
     lp_group = torch.tensor([math.prod(x.shape[:-2]) for x in xs], dtype=torch.float32, device=dev)
     width = torch.from_numpy(widths.astype(np.float32)).to(dev)
     den = torch.zeros(G, dtype=torch.float32, device=dev).index_add_(

@@ -1,4 +1,4 @@
-"""The regression step of torch's drifting loss as one autograd function (DESIGN §2 step 5).
+"""The regression step of torch's drifting loss as one autograd function (docs/design.md §2 step 5).
 
 Per problem, loss = mean over [N, D] of (x/s - stop_gradient(x/s + V))^2: its value is mean(V^2)
 and its gradient with respect to x is -2 V / (s N D). Written as array operations

@@ -12,7 +12,7 @@ distances_kernel   per problem: distances to every column in the Gram form on ch
                    by the positives' mean (stored for the drift), exact 0 on the self pairs, and
                    the problem's share of S (sum of d * w).
 drift_kernel       per work item (problem, channel range): the kernel weights of every
-                   temperature from d (DESIGN §2 step 3, "both" kernel, self penalty, optional
+                   temperature from d (docs/design.md §2 step 3, "both" kernel, self penalty, optional
                    floor), folded with s-, s+ and w into W_tau so that F_tau = W_tau (y - centre):
                    FINAL=False sums F_tau^2 (for lambda_tau); FINAL=True forms
                    V = sum_tau F_tau / (s lambda_tau), writes the gradient coef * V and sums V^2.

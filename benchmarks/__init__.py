@@ -1,1 +1,1 @@
-"""Speed and memory measurements of the drifting loss (DESIGN §5-§6): ``python -m benchmarks.run``."""
+"""Speed and memory measurements of the drifting loss (docs/design.md §5-§6): ``python -m benchmarks.run``."""

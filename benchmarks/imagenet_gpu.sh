@@ -2,7 +2,7 @@
 # The ImageNet trainers' training step on one GPU in one call of at most 5 minutes: ablation, latent-b2,
 # latent-l2, pixel-b16, pixel-l16 at their per-GPU share of 8 GPUs (n_classes / 8 classes; halved until it
 # fits), one warm-up + 3 timed steps each, every preset in its own process under a timeout, the rows appended
-# to benchmarks/RESULTS.md ("ImageNet training step") and the table printed last; logs in $OUT (default ./out).
+# to benchmarks/RESULTS_LOG.md ("ImageNet training step") and the table printed last; logs in $OUT (default ./out).
 #   bash benchmarks/imagenet_gpu.sh          # from the repository root, with driftloss installed
 # On the lent GPU machine (its image has torch, timm, tqdm, triton; it lacks array-api-compat: carry the wheels
 # in an ignored .whl/, as for benchmarks/gpu.sh):
@@ -14,7 +14,7 @@
 #       && python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
 #       && bash benchmarks/imagenet_gpu.sh
 # The device's working tree does not come back: $OUT/imagenet_step.md is the section --write appended to
-# RESULTS.md there; append it to benchmarks/RESULTS.md here (cat it >> the file). The log: imagenet_step.log.
+# RESULTS.md there; append it to benchmarks/RESULTS_LOG.md here (cat it >> the file). The log: imagenet_step.log.
 # Budget: benchmarks.imagenet_step gives each preset the time left divided by the presets left (of 270 s) and
 # stops timing steps that would overrun it (the warm-up step is then reported, marked); the outer timeout is
 # the hard stop behind it. Random encoder weights: the same FLOPs as the MAE / ConvNeXt-V2 ones, nothing loaded.

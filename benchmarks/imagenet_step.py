@@ -48,7 +48,7 @@ from torch import nn
 from benchmarks import measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS_LOG.md")
 HEADING = "ImageNet training step"
 PARTS = ("data", "generator", "encoder", "loss", "backward", "optimizer")
 DEVICES_PER_RUN = 8                  # the default K is the per-device share of a run on this many devices
@@ -58,7 +58,7 @@ MEASURED_COLUMNS = 7 + len(PARTS) + len(SCALING)
 H100_BF16_DENSE = 989e12             # FLOP/s, H100 SXM (H200: the same compute)
 NETWORK_UTILIZATION = 0.40           # of that, sustained by the generator and the encoders under bf16
 LOSS_RATE = 3.42e12                  # useful FLOP/s of torch's drifting_loss_groups on b2-class, H200
-                                     # (RESULTS.md, 2026-11-26, run 3: torch-blocked 144 ms, 493.5 GFLOP)
+                                     # (RESULTS_LOG.md, 2026-11-26, run 3: torch-blocked 144 ms, 493.5 GFLOP)
 
 
 def is_tiny(name: str) -> bool:
@@ -90,7 +90,7 @@ def parse(argv):
                    help="as train.py: auto = bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--dry-run", action="store_true", help="shapes, FLOP counts and an ESTIMATED GPU-hour "
                                                           "table (CPU, meta device, nothing timed)")
-    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS_LOG.md")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="whole run: each preset's process gets the time left divided by the presets left")
     p.add_argument("--preset-timeout", type=float, default=900.0, metavar="SECONDS",

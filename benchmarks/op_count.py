@@ -29,7 +29,7 @@ VIEW_OPS = ("view", "slice", "expand", "unsqueeze", "squeeze", "permute", "trans
             "alias", "detach", "narrow", "aten.t.", "_reshape_alias", "_unsafe_view")
 
 
-# DESIGN §6: the H200's measured copy rate, bytes per second.
+# docs/design.md §6: the H200's measured copy rate, bytes per second.
 H200_COPY_RATE = 4.3e12
 
 

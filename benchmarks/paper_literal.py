@@ -1,6 +1,6 @@
 """The paper-literal drifting loss: Alg. 2 with A.6's normalizations in plain PyTorch, fp32.
 
-The baseline of DESIGN §6, written plainly and not optimized: torch.cdist distances, the two
+The baseline of docs/design.md §6, written plainly and not optimized: torch.cdist distances, the two
 softmaxes (over y and over x) and their product's square root, one loop over temperatures, each
 temperature's drift scaled to unit RMS. One call handles all the groups of one feature map at
 once (they share C): the groups are stacked along the problem axis and their per-group statistics
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-SELF_PENALTY = 100.0  # in units of the mean distance (DESIGN §2 step 3; Alg. 2 masks the self pair)
+SELF_PENALTY = 100.0  # in units of the mean distance (docs/design.md §2 step 3; Alg. 2 masks the self pair)
 
 
 def segment_mean(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:

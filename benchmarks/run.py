@@ -2,7 +2,7 @@
 
 Times one loss-and-gradient evaluation per implementation and scenario (median of K after a
 warm-up, device-synchronized), measures peak memory in a fresh process, compares loss and gradient
-with a float64 reference, prints a Markdown table and appends it to benchmarks/RESULTS.md with the
+with a float64 reference, prints a Markdown table and appends it to benchmarks/RESULTS_LOG.md with the
 machine, library versions, date and the exact command.
 
 GPU (one call meant to fit in 5 minutes; every scenario at full width, the table printed last;
@@ -25,7 +25,7 @@ from benchmarks import impls, measure, scenarios
 
 BASELINE = "paper-literal"
 CORE_LIKE = ("paper-literal", "numpy-core", "torch-core", "jax-core")  # hold several [problems, N, J] arrays
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_LOG.md")
 
 
 def estimated_peak_bytes(impl: str, scen: scenarios.Scenario) -> float:
@@ -49,7 +49,7 @@ def parse(argv):
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="skip runs estimated above this (default 4 on cpu, 70 on cuda)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS_LOG.md")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no new row after this many seconds of the run (data generation and references "
                         "included); later rows are listed as skipped, and the table still prints")
@@ -237,7 +237,7 @@ def _run(args, started):
         new = not os.path.exists(RESULTS)
         with open(RESULTS, "a") as f:
             if new:
-                f.write("# Benchmark results\n\nAppended by `python -m benchmarks.run`.\n\n")
+                f.write("# Benchmark log\n\nAppended by `python -m benchmarks.run`.\n\n")
             f.write(text + "\n")
     print(text)
 

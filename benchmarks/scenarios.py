@@ -1,6 +1,6 @@
 """Benchmark problems as lists of loss calls on NumPy float64 data (cast per implementation).
 
-b2-class    one class of the ImageNet B/2 feature set (DESIGN §4, §6): 9 feature maps
+b2-class    one class of the ImageNet B/2 feature set (docs/design.md §4, §6): 9 feature maps
             2 x (32x32, C=640), 2 x (16x16, 1280), 3 x (8x8, 2560), 2 x (4x4, 5120) (C times width_scale);
             each map gives groups loc (H*W problems), mean, std (1 each), mean/std over 2x2 and 4x4
             patches ((H/p)*(W/p) each): 1666 + 418 + 106 + 28 problems per map of each size,
@@ -59,7 +59,7 @@ class Scenario:
 
 
 def _groups(fmap: np.ndarray) -> list[np.ndarray]:
-    """Feature groups of one map [n, H, W, C] -> list of [L, n, C] (DESIGN §4)."""
+    """Feature groups of one map [n, H, W, C] -> list of [L, n, C] (docs/design.md §4)."""
     n, h, w, c = fmap.shape
     out = [fmap.reshape(n, h * w, c), fmap.mean(axis=(1, 2))[:, None], fmap.std(axis=(1, 2))[:, None]]
     for p in PATCHES:
@@ -78,7 +78,7 @@ def b2_class(width_scale: float, seed: int = 0, n: int = 64, p: int = 128, m: in
         draws = ((rng.standard_normal((k, hw, hw, c), dtype=np.float32), shift)
                  for k, shift in ((n, 0.0), (p, 0.2), (m, 0.1)))
         gx, gp, gn = (_groups(np.maximum(z + shift, 0) + 0.5) for z, shift in draws)
-        w = 1.0 * (n - 1) / m  # guidance weight at alpha = 2 (DESIGN §2, Guidance)
+        w = 1.0 * (n - 1) / m  # guidance weight at alpha = 2 (docs/design.md §2, Guidance)
         calls += [Call(x, pp, q, w, map_id) for x, pp, q in zip(gx, gp, gn, strict=True)]
     return Scenario("b2-class", calls)
 

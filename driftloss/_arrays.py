@@ -12,13 +12,26 @@ def _describe(a: Any) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
+PYTHON_VALUES = (list, tuple, int, float, bool)
+
+
+def is_python_value(a: Any) -> bool:
+    """A Python list, tuple or number (not an array): converted at the entry points."""
+    return isinstance(a, PYTHON_VALUES)
+
+
 def resolve_namespace(fn: str, arrays: dict[str, Any], xp: Any = None) -> Any:
-    """The one Array API namespace of ``arrays`` (name -> array or None); ``xp`` if given.
+    """The one Array API namespace of ``arrays`` (name -> array, Python value or None); ``xp`` if
+    given. Python lists and numbers take the namespace of the arrays, NumPy's when there are none.
 
     Raises TypeError when the arrays come from different libraries.
     """
-    present = {k: v for k, v in arrays.items() if v is not None}
+    present = {k: v for k, v in arrays.items() if v is not None and not is_python_value(v)}
     if xp is None:
+        if not present:
+            import array_api_compat.numpy as xp_numpy
+
+            return xp_numpy
         try:
             xp = array_namespace(*present.values())
         except TypeError as e:
@@ -27,6 +40,34 @@ def resolve_namespace(fn: str, arrays: dict[str, Any], xp: Any = None) -> Any:
                 f"{fn}: all arrays must come from one array library; got {kinds}"
             ) from e
     return xp
+
+
+def from_python(arrays: dict[str, Any], points: tuple[str, ...], xp: Any, device: Any) -> dict[str, Any]:
+    """``arrays`` with the Python lists, tuples and numbers among them as arrays of ``xp``.
+
+    They go on the device of the first array of ``points`` that is not one (NumPy: the CPU), in its
+    dtype where it is real floating, else in the namespace's default floating dtype; a weight (not
+    in ``points``) made of bools stays a boolean mask.
+    """
+    if not any(is_python_value(v) for v in arrays.values()):
+        return arrays
+    like = next((arrays[k] for k in points if arrays.get(k) is not None and not is_python_value(arrays[k])),
+                None)
+    dev = None if like is None else device(like)
+    if like is not None and xp.isdtype(like.dtype, "real floating"):
+        dtype = like.dtype
+    else:
+        dtype = xp.asarray(0.0, device=dev).dtype  # the namespace's default
+    out = {}
+    for name, v in arrays.items():
+        if is_python_value(v):
+            a = xp.asarray(v, device=dev)
+            mask = name not in points and xp.isdtype(a.dtype, "bool")
+            # Converted again, not cast: a list of floats read at torch's default float32 and then
+            # cast to float64 would have lost its digits.
+            v = a if mask or a.dtype == dtype else xp.asarray(v, dtype=dtype, device=dev)
+        out[name] = v
+    return out
 
 
 def check_same_device(fn: str, arrays: dict[str, Any], device: Any) -> None:

@@ -49,7 +49,7 @@ class Backend:
                              None where operations run in the order they are called (eager
                              libraries); JAX: XLA would otherwise run independent work side by side,
                              holding the temporaries of all of it at once
-    regression_loss(xq, v, s) -> the per-problem loss [...] of DESIGN §2 step 5 (value mean(V^2),
+    regression_loss(xq, v, s) -> the per-problem loss [...] of docs/design.md §2 step 5 (value mean(V^2),
                              gradient -2 V / (s N D) with respect to xq [..., N, D]) in fewer passes
                              over x-sized arrays than the array form, or None (the array form)
     constant(xp, values, dtype, device) -> an array of Python numbers (nested lists) on device;

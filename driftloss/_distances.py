@@ -13,7 +13,7 @@ def pairwise_distances(x: Any, y: Any, *, xp: Any, matmul: Callable[[Any, Any], 
 
     For D <= 4 by broadcast differences (exact, and cheap). Otherwise by ||a||^2 + ||b||^2 - 2 a.b
     on points centred by their common mean: without the centring an offset shared by all points
-    swamps the distances in float32 (DESIGN §7). The Gram form leaves coincident points at a
+    swamps the distances in float32 (docs/design.md §7). The Gram form leaves coincident points at a
     rounding distance of about sqrt(eps) times the spread of the data.
     """
     if x.shape[-1] <= DIRECT_MAX_FEATURES:

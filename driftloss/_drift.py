@@ -1,4 +1,4 @@
-"""The normalized multi-temperature drift of DESIGN §2, on stop-gradient copies of the inputs."""
+"""The normalized multi-temperature drift of docs/design.md §2, on stop-gradient copies of the inputs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from driftloss._backends import backend_for
 from driftloss._distances import pairwise_distances
 from driftloss._field import drift_from_affinity
 from driftloss._kernel import affinity, effective_neighbours
+from driftloss._progress import reference_energy_distance
 
 SELF_PENALTY = 100.0  # added to a sample's distance to itself, in units of the mean distance
-SCALE_FLOOR = 1e-3  # lower bound of S and s (DESIGN §2 step 2)
+SCALE_FLOOR = 1e-3  # lower bound of S and s (docs/design.md §2 step 2)
 RMS_FLOOR_SQ = 1e-8  # lower bound of mean(F^2) before the square root (step 4)
 
 
@@ -123,6 +124,9 @@ def reference_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], o
             "feature_scale": xp.asarray(s, dtype=x.dtype, device=device(x)),
             "drift_rms": xp.stack(rms),
             "neighbours": xp.stack(neighbours),
+            "energy_distance": reference_energy_distance(
+                x, pos, weights[0], weights[2], unit if opts.normalize else None, opts.cross_replica_sum,
+                xp=xp, matmul=matmul, device=device(x)),
         }
     return v, s, stats
 

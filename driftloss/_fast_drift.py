@@ -1,4 +1,4 @@
-"""A faster, memory-bounded evaluation of exactly the drift of DESIGN §2 (``compute_drift``'s contract).
+"""A faster, memory-bounded evaluation of exactly the drift of docs/design.md §2 (compute_drift's contract).
 
 Same numbers as the reference in ``_drift.py`` up to float rounding, computed with less work:
 
@@ -7,12 +7,12 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
   h = exp((min_j d - d) / 2tau) and g = exp((min_i d - d) / 2tau) (shifted so the largest entry
   of each row / column is exactly 1),
       A_ij = h_ij g_ij / (||h_i.|| ||g_.j||) * w_j = exp(½ log_softmax_j + ½ log_softmax_i) * w_j,
-  and h, g underflow only where A itself is below float range (DESIGN §7's concern);
+  and h, g underflow only where A itself is below float range (docs/design.md §7's concern);
 - the squared distances come from one product of augmented points, [-2x, |x|^2, 1] . [y, 1, |y|^2],
   where copying the points costs less than the elementwise passes it saves (narrow points), else from
   x . y plus the squared norms; they stay in input units, with 1/S folded into the exponent rates;
 - the row and column normalizations, weights, a, r and 1/s are folded into row coefficients of the
-  drift product (F = a s- A+y+ - r s+ A-y- - (a - r) s- s+ x, DESIGN §2 step 4); where the points
+  drift product (F = a s- A+y+ - r s+ A-y- - (a - r) s- s+ x, docs/design.md §2 step 4); where the points
   are wider than the columns, the coefficients go on the kernel side and one signed product gives F;
 - work is cut into blocks of problems and rows, so memory is O(block) rather than O(problems*N*J).
   With whole problems per block, a first pass gives S (and keeps the distances for the drift pass
@@ -41,7 +41,10 @@ Same numbers as the reference in ``_drift.py`` up to float rounding, computed wi
 - the statistics' effective neighbours (exp of each kernel row's entropy) come from b = K col_w,
   which the drift product forms anyway, and log K in closed form (the exponents' arguments): one
   product and one product-sum per block instead of a log pass (the log is taken with an affinity
-  floor, which has no closed form).
+  floor, which has no closed form);
+- the statistics' energy distance (driftloss/_progress.py) takes its x-pos and x-x sums from the first
+  pass's distances (one row-weighted sum per block); the positives' own distances are a pass of their own
+  over blocks of positives, the only new work.
 
 Only the leading ``...`` dims are flattened to one problem axis L; nothing loops per problem.
 The problems may come in segments, each with its own S, s and lambda as if it were a call of its
@@ -63,6 +66,13 @@ from driftloss._backends import asarray_constant
 from driftloss._block_loop import PYTHON_LOOP, BlockLoop, blas_on_one_thread, cpu_threads, threaded_loop
 from driftloss._distances import DIRECT_MAX_FEATURES
 from driftloss._drift import RMS_FLOOR_SQ, SELF_PENALTY, DriftOptions, column_parts, feature_scale
+from driftloss._progress import (
+    coefficients,
+    mean_energy_distance,
+    pair_sums,
+    row_weighted_sums,
+    self_distances,
+)
 
 # Entries of the largest [L_block, T, rows, J] temporary; about 64 MiB per float32 array.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -187,7 +197,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     evaluations of ``drifting_loss_groups`` one after another); ignored by loops without it.
     ``ops``: the library's one-pass forms of sums of squares and centred concatenation (FusedOps).
     Returns (V [..., N, D], s, stats) as ``compute_drift``; with segments, s and the stats carry a
-    leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T]).
+    leading [G] axis (s [G], scale [G], feature_scale [G], drift_rms [G, T], neighbours [G, T],
+    energy_distance [G]).
     """
     lead, n, d_feat = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
     n_probs = math.prod(lead)
@@ -232,16 +243,23 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
     # Pass 1: S per segment (and, when rows are split, each column's smallest distance to a row
     # other than itself). Sums per problem [p] are added into per-segment sums [G].
     def weighted_sums(dist, b):
-        """Sum of w_j d_ij over the block [G]; dist's self pairs are 0, or unset when rows are whole."""
+        """Sum of w_j d_ij over the block [G]; dist's self pairs are 0, or unset when rows are whole.
+        With stats [G, 2]: and the block's part of the energy distance's x-pos and x-x terms."""
         wb = ctx.problems(w, b)
         per_problem = xp.sum(xp.sum(dist, axis=-2) * wb, axis=-1)  # [p]
+        diag = None
         if opts.x_as_negatives and not plan.rows_split:
             # The self pairs (i, i) sit every J + 1 entries of the flattened block: take them out here
             # instead of a masked pass over the block.
             diag = xp.reshape(dist, (dist.shape[0], -1))[:, ::j + 1][:, :n]  # [p, N]
             per_problem = per_problem - xp.sum(diag * wb[:, :n], axis=-1)
+        if progress is not None:
+            per_problem = xp.stack([per_problem, progress.kernel_terms(dist, wb, diag, b)], axis=-1)
         return ctx.run_sums(per_problem, b)
 
+    # With stats, pass 1 also sums the energy distance's x-pos and x-x terms (_progress.py).
+    progress = _Progress(ctx, weights[0], n_neg) if opts.with_stats else None
+    sums_shape = (n_segs,) if progress is None else (n_segs, 2)
     # kept: pass 1's distances, for the drift pass to reuse: one array [L, N, J], or one per block.
     col_min, kept = None, None
     if plan.single:
@@ -252,12 +270,12 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
             dist = ctx.distances(b, zero_self=False)
             return carry + weighted_sums(dist, b), dist
 
-        wsum, kept = plan.sweep(loop, sums_kept, xp.zeros((n_segs,), dtype=dt, device=dev), xp, join=False,
+        wsum, kept = plan.sweep(loop, sums_kept, xp.zeros(sums_shape, dtype=dt, device=dev), xp, join=False,
                                 combine=_added)
         if len(kept) != plan.blocks():  # pieces that stack several blocks (lax.scan): join them
             kept = _joined(kept, 0, xp)
     else:
-        wsum = xp.zeros((n_segs,), dtype=dt, device=dev)
+        wsum = xp.zeros(sums_shape, dtype=dt, device=dev)
         if plan.rows_split and opts.kernel == "both":
             def sum_and_min(carry, b):  # carry: (wsum [G], this problem's column minima [1, J])
                 dist = ctx.distances(b)
@@ -281,6 +299,8 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
                 return carry + weighted_sums(ctx.distances(b, zero_self=plan.rows_split), b), None
 
             wsum, _ = plan.sweep(loop, sums, wsum, xp, combine=_added)
+    if progress is not None:
+        wsum, progress.summed = wsum[:, 0], wsum[:, 1]
     w_total = n * ctx.run_sums(xp.sum(w, axis=-1))
     scale, unit, s = feature_scale(wsum, w_total, d_feat, opts, xp)  # each [G] (s: 1.0 without normalize)
     # Distances stay in input units: the self penalty (SELF_PENALTY in units of S) is converted to
@@ -377,7 +397,9 @@ def fast_drift(x: Any, pos: Any, neg: Any, weights: tuple[Any, Any, Any], opts: 
         rows = constant(xp, [[float(c * n)] for c in counts], dt, dev)
         feat = s if opts.normalize else xp.ones((n_segs,), dtype=dt, device=dev)
         stats = {"scale": scale, "feature_scale": feat, "drift_rms": xp.sqrt(ms),
-                 "neighbours": neighbours / rows}
+                 "neighbours": neighbours / rows,
+                 "energy_distance": progress.mean(loop, counts, unit if opts.normalize else None,
+                                                  block_elements, constant)}
     if segments is None:  # one segment: scalars and [T], as compute_drift
         stats = {k: v_[0, ...] for k, v_ in stats.items()}
         s = s[0] if opts.normalize else s
@@ -775,6 +797,61 @@ class _Context:
         u = log_w if col_min is None else log_w + rate * col_min  # [p, T or 1, 1, J]
         s = self.matmul(kw, xp.matrix_transpose(u)) - (times * rate) * xp.sum(kw * e, axis=-1, keepdims=True)
         return s if row_min is None else s + rate * row_min * total
+
+
+class _Progress:
+    """The energy distance of ``fast_drift``'s stats (driftloss/_progress.py): its x-pos and x-x terms
+    from the first pass's distances (``kernel_terms``), its pos-pos term (and the x-x term where x is not
+    a column) in a pass of its own over blocks of those points (``mean``)."""
+
+    def __init__(self, ctx: _Context, x_w: Any, n_neg: int):
+        xp = ctx.xp
+        self.ctx, self.n_neg = ctx, n_neg
+        self.x_w = xp.reshape(x_w, (ctx.x.shape[0], ctx.n))  # [L, N]
+        self.pos_w = ctx.w[:, n_neg:]  # [L, P]
+        self.c_xp, self.c_xx, self.c_pp = coefficients(self.x_w, self.pos_w, xp=xp)  # [L] each
+        self.summed = None  # [G]: the sums of the first pass's terms over each segment's problems
+
+    def kernel_terms(self, dist: Any, wb: Any, diag: Any, b: _Block) -> Any:
+        """[p]: the x-pos term of block b's rows (and the x-x term where x are columns) from its distances
+        dist [p, rows, J] and column weights wb [p, J]; the self pairs are 0, or unset with diag [p, N]."""
+        ctx, xp, nn = self.ctx, self.ctx.xp, self.n_neg
+        a = ctx.rows(self.x_w, b)  # [p, rows]
+        r = row_weighted_sums(dist, a, xp=xp)  # [p, J]
+        terms = ctx.problems(self.c_xp, b) * xp.sum(r[:, nn:] * wb[:, nn:], axis=-1)
+        if ctx.opts.x_as_negatives:  # x's columns come first, weighted by x_w
+            within = xp.sum(r[:, :ctx.n] * wb[:, :ctx.n], axis=-1)
+            if diag is not None:
+                within = within - xp.sum(diag * a * a, axis=-1)
+            terms = terms + ctx.problems(self.c_xx, b) * within
+        return terms
+
+    def mean(self, loop: BlockLoop, counts: list[int], unit: Any, block_elements: int,
+             constant: Callable[..., Any]) -> Any:
+        """stats["energy_distance"] [G] (``unit``: max(S, 1e-3) [G], or None for raw units)."""
+        ctx, xp = self.ctx, self.ctx.xp
+        summed = self.summed + self._within(ctx.cols[-1], self.pos_w, self.c_pp, loop, block_elements)
+        if not ctx.opts.x_as_negatives:
+            summed = summed + self._within(ctx.x, self.x_w, self.c_xx, loop, block_elements)
+        problems = constant(xp, [float(c) for c in counts], summed.dtype, ctx.device)
+        return mean_energy_distance(summed, problems, unit, ctx.opts.cross_replica_sum, xp=xp)
+
+    def _within(self, points: Any, w: Any, coef: Any, loop: BlockLoop, block_elements: int) -> Any:
+        """Sums over each segment's problems [G] of coef times sum_kk' w_k w_k' d(points_k, points_k'), for
+        points [L, K, D], weights w [L, K] and coef [L], by blocks of problems and rows."""
+        ctx, xp = self.ctx, self.ctx.xp
+        k = points.shape[1]
+        plan = _Plan(points.shape[0], k, k * DIRECT_MAX_FEATURES, block_elements)
+
+        def body(carry, b):
+            pts = ctx.problems(points, b)  # [p, K, D]
+            rows = pts if b.rows == k else ctx.take(pts, b.r0, b.rows, 1)
+            d = self_distances(rows, pts, b.r0, xp=xp, matmul=ctx.matmul, device=ctx.device)
+            per_problem = ctx.problems(coef, b) * pair_sums(d, ctx.rows(w, b), ctx.problems(w, b), xp=xp)
+            return carry + ctx.run_sums(per_problem, b), None
+
+        zeros = xp.zeros_like(self.summed)  # [G]
+        return plan.sweep(loop, body, zeros, xp, combine=_added)[0]
 
 
 def _added(c1: Any, c2: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Feature groups of an encoder's feature maps for feature-space drifting (§3.4, A.5; DESIGN §4).
+"""Feature groups of an encoder's feature maps for feature-space drifting (§3.4, A.5; docs/design.md §4).
 
 Each group is a set of C-dim vectors per sample, [n, L, C]; ``drifting_loss_groups`` runs one
 drifting loss per group with its L locations as independent kernel problems.

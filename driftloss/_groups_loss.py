@@ -1,4 +1,4 @@
-"""drifting_loss_groups: one drifting loss per feature group, summed (§3.4, A.5; DESIGN §4)."""
+"""drifting_loss_groups: one drifting loss per feature group, summed (§3.4, A.5; docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from driftloss._arrays import compute_dtype
+from driftloss._arrays import compute_dtype, from_python
 from driftloss._backends import backend_for
 from driftloss._drift import DriftOptions
 from driftloss._loss import (
@@ -19,7 +19,7 @@ from driftloss._loss import (
     reduce_problems,
     regression_loss,
 )
-from driftloss._validation import REDUCTIONS, as_taus, check_options
+from driftloss._validation import REDUCTIONS, ValueChecks, as_taus, check_options
 
 # The drifting_loss keyword options that drifting_loss_groups passes through.
 _LOSS_OPTIONS = frozenset({"normalize", "kernel", "affinity_floor", "attraction", "repulsion",
@@ -53,15 +53,16 @@ def drifting_loss_groups(
            guidance) or None.
       taus: temperatures, as in ``drifting_loss``.
       x_weight, pos_weight, neg_weight: column weights [..., N] / [..., P] / [..., M]
-           (e.g. neg_weight [G, M] from ``cfg_weight``), shared by every group and broadcast
-           over the L locations.
+           (e.g. neg_weight [G, M] from ``cfg_weight``), or boolean masks (0/1), shared by every
+           group and broadcast over the L locations.
       reduction: "mean" (default): each group's loss is the mean over its problems (the
            leading dims x L) and the total is their sum over groups. "sum": sum over problems
            and groups. "none": [...] (e.g. [G], one loss per class): each group's loss averaged
            over its L locations, summed over groups; its mean equals the "mean" total.
       return_stats: also return {group name: stats}, each the ``drifting_loss`` stats dict
-           (scale, feature_scale, drift_rms [T], neighbours [T]) plus "loss", the group's own
-           (reduced) loss without gradient, for logging.
+           (scale, feature_scale, drift_rms [T], neighbours [T], energy_distance: the group's
+           progress statistic) plus "loss", the group's own (reduced) loss without gradient,
+           for logging.
       cross_replica_sum: as in ``drifting_loss``; S and lambda of each group are then global.
       xp: Array API namespace; inferred from the arrays when None.
       **loss_options: further keyword options of ``drifting_loss`` (normalize, kernel,
@@ -78,6 +79,11 @@ def drifting_loss_groups(
     On CUDA with the opt-in fused kernels switched on, shapes they take go to them first
     (``driftloss.adapters.torch_fused.use_fused_kernels``).
 
+    Errors name the group. On eager calls the values of all groups are checked in one read of the
+    device, as in ``drifting_loss`` (NaN or inf features, negative weights, a problem without a
+    positive pos_weight); under jit, torch.compile or vmap they are not (non-finite features then
+    give a NaN loss).
+
     Returns the total loss (0-d, or [...] with reduction="none"), and the stats if asked.
     """
     fn = "drifting_loss_groups"
@@ -86,8 +92,10 @@ def drifting_loss_groups(
     names = _check_groups(fn, gen, pos, neg)
     if xp is None:
         xp = array_namespace(*_all_arrays(gen, pos, neg))
+    given = from_python({"x": gen[names[0]], "x_weight": x_weight, "neg_weight": neg_weight,
+                         "pos_weight": pos_weight}, ("x",), xp, backend_for(xp).device)  # Python lists
     weights = tuple(None if w is None else xp.expand_dims(w, axis=-2)  # [..., n] -> [..., 1, n]
-                    for w in (x_weight, neg_weight, pos_weight))
+                    for w in (given["x_weight"], given["neg_weight"], given["pos_weight"]))
     opts = _options(fn, taus, return_stats, cross_replica_sum, loss_options)
     calls, be, opts = _validated_calls(fn, names, gen, pos, neg, weights, opts, xp)
 
@@ -120,21 +128,26 @@ def _options(fn, taus, return_stats, cross_replica_sum, loss_options) -> DriftOp
 
 def _validated_calls(fn, names, gen, pos, neg, weights, opts, xp):
     """Each group as a checked ``drifting_loss`` call (x, pos, neg, (x_w, neg_w, pos_w)) on
-    [..., L, n, C] views; errors name the group. Returns (calls, backend, options)."""
+    [..., L, n, C] views; errors name the group. The values of all groups (finite points; the
+    weights' signs, once: they are the same arrays in every group) are read in one host read.
+    Returns (calls, backend, options)."""
     x_w, neg_w, pos_w = weights
     calls = []
+    checks = ValueChecks(xp, backend_for(xp).is_concrete)
     for k, name in enumerate(names):
         x, p = _locations_first(gen[name], xp), _locations_first(pos[name], xp)
         q = None if neg is None else _locations_first(neg[name], xp)
+        checks.label = f"{fn}: group {name!r}: "
         try:
-            # The weights are the same arrays in every group: their signs are read once.
-            _, be, group_opts = _validated("drifting_loss", x, p, q, x_w, pos_w, neg_w, opts, xp,
-                                           weight_signs=k == 0)
+            _, be, group_opts, points, group_weights = _validated(
+                "drifting_loss", x, p, q, x_w, pos_w, neg_w, opts, xp, problem_dims=x.ndim - 2, checks=checks,
+                weight_values=k == 0)
         except (ValueError, TypeError) as e:
             if type(e) not in (ValueError, TypeError):  # framework errors (e.g. tracer errors) as they are
                 raise
             raise type(e)(f"{fn}: group {name!r}: {e}") from e
-        calls.append((x, p, q, weights))
+        calls.append((*points, group_weights))
+    checks.raise_if_failed()
     return calls, be, group_opts
 
 

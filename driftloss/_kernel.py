@@ -1,7 +1,7 @@
 """Kernel affinities A[..., i, j] between generated rows i and columns j (Alg. 2, Table 11).
 
 All normalizations are taken in log space: sqrt(softmax_j * softmax_i) underflows to 0 in
-float32 where exp(0.5 * (log_softmax_j + log_softmax_i)) is exact (DESIGN §7).
+float32 where exp(0.5 * (log_softmax_j + log_softmax_i)) is exact (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def affinity(logits: Any, col_weight: Any, *, kernel: str, floor: float, xp: Any
              "y":    softmax over j only
              "none": exp(logits), no normalization
     floor > 0 bounds the product of the two normalizations from below, A >= sqrt(floor) * w
-    (the authors' release uses floor=1e-6; DESIGN §2 explains why it is off by default).
+    (the authors' release uses floor=1e-6; docs/design.md §2 explains why it is off by default).
     """
     if kernel == "both":
         log_a = 0.5 * (log_softmax(logits, axis=-1, xp=xp) + log_softmax(logits, axis=-2, xp=xp))

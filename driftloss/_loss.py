@@ -6,10 +6,16 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from driftloss._arrays import check_real_floating, check_same_device, compute_dtype, resolve_namespace
+from driftloss._arrays import (
+    check_real_floating,
+    check_same_device,
+    compute_dtype,
+    from_python,
+    resolve_namespace,
+)
 from driftloss._backends import backend_for
 from driftloss._drift import DriftOptions, compute_drift
-from driftloss._validation import as_taus, check_options, check_points, check_weight
+from driftloss._validation import ValueChecks, as_taus, check_options, check_points, check_weight
 
 DEFAULT_TAUS = (0.02, 0.05, 0.2)
 
@@ -32,6 +38,7 @@ def drifting_loss(
     reduction: str = "mean",
     return_stats: bool = False,
     cross_replica_sum: Any = None,
+    problem_dims: int | None = None,
     xp: Any = None,
 ) -> Any:
     """The drifting loss (Deng et al. 2026, Eq. 6 with the field of Eq. 8-11, Alg. 2, A.6).
@@ -41,13 +48,19 @@ def drifting_loss(
     target x/s + V, so that d loss / d x = -2 V / (s * x.size) with reduction="mean".
 
     Args:
-      x:   [..., N, D] generated samples (or features of them); carries the gradient. They are
-           also negatives, each excluding itself, unless x_as_negatives=False.
-      pos: [..., P, D] positives (real data).
-      neg: [..., M, D] extra negatives (e.g. unconditional real samples for guidance, §3.5) or None.
+      x:   [N, D] generated samples (or features of them), each a flat D-vector (flatten images:
+           x.reshape(N, -1)), or [G, N, D] for G independent problems, or [..., N, D] with
+           ``problem_dims``; carries the gradient. They are also negatives, each excluding
+           itself, unless x_as_negatives=False.
+      pos: [..., P, D] positives (real data); [P, D] (or any leading dims that broadcast to x's)
+           is shared by every problem of x, without a copy.
+      neg: [..., M, D] extra negatives (e.g. unconditional real samples for guidance, §3.5) or None;
+           broadcast like pos.
       taus: temperature or temperatures; each tau's drift is scaled to unit RMS and summed (A.6).
       x_weight, pos_weight, neg_weight: [..., N] / [..., P] / [..., M] non-negative column
-           weights (default 1); leading dims may broadcast. See ``cfg_weight`` for guidance.
+           weights (default 1), or boolean masks (read as 0/1); leading dims may broadcast. Every
+           problem needs a positive pos_weight somewhere (else its loss would be identically 0).
+           See ``cfg_weight`` for guidance.
       x_as_negatives: use x as negatives (default). False: the negatives are exactly ``neg``.
       normalize: scale features so the mean distance is sqrt(D) and each tau's drift to unit RMS
            (A.6). False: raw Alg. 2 on raw coordinates with the given tau.
@@ -58,8 +71,16 @@ def drifting_loss(
       reduction: "mean" -> scalar; "sum" -> sum over problems; "none" -> per-problem loss [...].
       return_stats: also return a dict of diagnostics (arrays, no gradient):
            scale S (0-d), feature_scale s (0-d), drift_rms [T] (lambda_tau, the RMS of each
-           tau's drift before normalization), neighbours [T] (exp of the kernel-weight entropy
-           per row, averaged: the effective number of neighbours).
+           tau's drift before normalization; the normalization divides by max(lambda_tau, 1e-4),
+           sqrt(max(mean F^2, 1e-8)), so a tau whose drift_rms is below 1e-4 counts less than
+           unit RMS: far from the data, and from a collapsed start, where it can rise before it
+           falls), neighbours [T] (exp of the kernel-weight entropy per row, averaged: the
+           effective number of neighbours), energy_distance (0-d: the progress statistic, the
+           energy distance 2 E|x - pos| - E|x - x'| - E|pos - pos'| between x and pos weighted by
+           x_weight and pos_weight, per problem, averaged, in units of max(S, 1e-3) (raw units
+           with normalize=False); >= 0, falls as the samples approach the data from any start,
+           about 1/N + 1/P for a perfect generator; driftloss/_progress.py). The loss itself
+           stays near its value by design (mean(V^2): T to T^2 for T temperatures).
       cross_replica_sum: for data-parallel training, a function that sums a small array over all
            replicas (torch.distributed all_reduce, jax.lax.psum). S and lambda then come from the
            global batch, so R replicas that each hold some of the problems (leading dims)
@@ -68,11 +89,21 @@ def drifting_loss(
            does this automatically (pass ``lambda a: a`` to keep statistics local);
            ``driftloss.adapters.jax.drifting_loss(..., axis_name=...)`` does it under
            shard_map/pmap.
+      problem_dims: the number of leading dims of x that index independent problems; needed
+           when x, pos or neg has 4 or more dims (e.g. 2 for [G, L, N, C]), so that a batch of
+           images [N, C, H, W] is refused instead of read as N*C problems. None (default): x is
+           [N, D] or [G, N, D].
       xp: Array API namespace; inferred from the inputs when None.
 
-    Leading dims ``...`` index independent kernel problems that share S and lambda (DESIGN §2).
+    Leading dims ``...`` index independent kernel problems that share S and lambda (docs/design.md §2).
     Computation is in float32 (float64 if any input is float64); half-precision inputs are
-    upcast and the loss is returned in float32.
+    upcast and the loss is returned in float32. Python lists and numbers are accepted as arrays
+    (of the other inputs' library, NumPy when all are lists), numbers as floating point.
+
+    Bad input raises ValueError or TypeError naming the argument. On eager calls the values are
+    checked too, in one read of the device: NaN or inf in x, pos or neg, negative or non-finite
+    weights, a problem whose pos_weight is all zero. Under jit, torch.compile, vmap or CUDA-graph
+    capture values cannot be read and are not checked: non-finite input then gives a NaN loss.
 
     Returns the loss (0-d, or [...] with reduction="none"), and the stats dict if asked.
     """
@@ -82,12 +113,13 @@ def drifting_loss(
     opts = DriftOptions(taus=as_taus(fn, taus), x_as_negatives=x_as_negatives, normalize=normalize,
                         kernel=kernel, affinity_floor=affinity_floor, attraction=attraction,
                         repulsion=repulsion, with_stats=return_stats, cross_replica_sum=cross_replica_sum)
-    xp, be, opts = _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
+    xp, be, opts, (x, pos, neg), weights = _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts,
+                                                      xp, problem_dims=problem_dims)
     if be.fused_loss is not None:  # one fused evaluation of loss and gradient (opt-in, torch CUDA)
-        loss = be.fused_loss([(x, pos, neg, (x_weight, neg_weight, pos_weight))], opts, reduction)
+        loss = be.fused_loss([(x, pos, neg, weights)], opts, reduction)
         if loss is not None:
             return loss
-    loss, stats = loss_of_checked(x, pos, neg, (x_weight, neg_weight, pos_weight), opts, reduction, xp, be)
+    loss, stats = loss_of_checked(x, pos, neg, weights, opts, reduction, xp, be)
     return (loss, stats) if return_stats else loss
 
 
@@ -100,7 +132,7 @@ def loss_of_checked(x, pos, neg, weights, opts, reduction, xp, be, after=None):
 
 
 def regression_loss(xq: Any, v: Any, s: Any, reduction: str, xp: Any, be: Any) -> Any:
-    """The loss of DESIGN §2 step 5: mean over [..., N, D] of (x/s - stop_gradient(x/s + V))^2 per
+    """The loss of docs/design.md §2 step 5: mean over [..., N, D] of (x/s - stop_gradient(x/s + V))^2 per
     problem, reduced by ``reduction``. xq [..., N, D] in the compute dtype carries the gradient."""
     if be.regression_loss is not None:  # torch: one autograd function (adapters/torch_regression.py)
         return reduce_problems(be.regression_loss(xq, v, s), reduction, xp, be)
@@ -139,11 +171,13 @@ def drift_field(
     repulsion: float = 1.0,
     return_stats: bool = False,
     cross_replica_sum: Any = None,
+    problem_dims: int | None = None,
     xp: Any = None,
 ) -> Any:
     """The drift V [..., N, D] of each generated sample (Alg. 2; Eq. 8-11), without gradient.
 
-    Same arguments as ``drifting_loss``. With normalize=False (default) V is Alg. 2's
+    Same arguments and checks as ``drifting_loss`` (x [N, D], [G, N, D], or [..., N, D] with
+    ``problem_dims``; pos and neg broadcast over x's problems). With normalize=False (default) V is Alg. 2's
     W+ y+ - W- y- on raw coordinates, summed over the given temperature(s). With normalize=True
     V is the normalized drift the loss uses, in units of the feature scale s
     (stats["feature_scale"]): d drifting_loss / d x = -2 V / (s * x.size).
@@ -156,38 +190,58 @@ def drift_field(
     opts = DriftOptions(taus=as_taus(fn, tau), x_as_negatives=x_as_negatives, normalize=normalize,
                         kernel=kernel, affinity_floor=affinity_floor, attraction=attraction,
                         repulsion=repulsion, with_stats=return_stats, cross_replica_sum=cross_replica_sum)
-    _, be, _, v, _, stats = _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
+    xp, be, opts, (x, pos, neg), (x_w, neg_w, pos_w) = _validated(
+        fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, problem_dims=problem_dims)
+    _, v, _, stats = _drift_of(x, pos, neg, x_w, pos_w, neg_w, opts, xp, be)
     return (v, {k: be.as_array(a) for k, a in stats.items()}) if return_stats else v
 
 
-def _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, weight_signs=True):
-    """Check the inputs of one call; returns (xp, backend, opts with the default replica sum).
+def _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, *, problem_dims=None,
+               checks=None, weight_values=True):
+    """Check the inputs of one call.
 
-    weight_signs=False skips reading the weights' values (a device sync on a GPU) for a caller
-    that has checked the same weights already.
+    Returns (xp, backend, opts with the default replica sum, (x, pos, neg), (x_w, neg_w, pos_w)):
+    Python lists and numbers converted to arrays, pos and neg broadcast over x's leading dims
+    (views), boolean weights cast to 0/1. Values (finite points, non-negative weights, a positive
+    weight in every problem) are checked where they can be read, in one host read: here, or, when
+    ``checks`` (a ``ValueChecks``) is given, by the caller, which adds more calls' checks to it first.
+    weight_values=False skips the weights' values, for a caller that has checked the same weights.
     """
     arrays = {"x": x, "pos": pos, "neg": neg, "x_weight": x_weight, "pos_weight": pos_weight,
               "neg_weight": neg_weight}
     xp = resolve_namespace(fn, arrays, xp)
     be = backend_for(xp)
+    arrays = from_python(arrays, ("x", "pos", "neg"), xp, be.device)
     check_same_device(fn, arrays, be.device)
+    x, pos, neg = arrays["x"], arrays["pos"], arrays["neg"]
     check_real_floating(fn, xp, {"x": x, "pos": pos, "neg": neg})
-    check_points(fn, x, pos, neg, x_as_negatives=opts.x_as_negatives)
-    for name, w, pts, pts_name in (("x_weight", x_weight, x, "x"), ("pos_weight", pos_weight, pos, "pos"),
-                                   ("neg_weight", neg_weight, neg, "neg")):
-        check_weight(fn, name, w, pts, pts_name, xp, be.is_concrete, check_sign=weight_signs)
+    check_points(fn, x, pos, neg, x_as_negatives=opts.x_as_negatives, problem_dims=problem_dims)
+    given = (x, pos, neg)
+    pos, neg = (None if a is None else _over_problems(a, x, xp) for a in (pos, neg))
+    x_weight, pos_weight, neg_weight = (
+        check_weight(fn, name, arrays[name], pts, pts_name, xp)
+        for name, pts, pts_name in (("x_weight", x, "x"), ("pos_weight", pos, "pos"),
+                                    ("neg_weight", neg, "neg")))
+    read_here = checks is None
+    if read_here:
+        checks = ValueChecks(xp, be.is_concrete)
+    for name, a in zip(("x", "pos", "neg"), given):
+        checks.finite(fn, name, a)
+    if weight_values:
+        for name, w in (("x_weight", x_weight), ("pos_weight", pos_weight), ("neg_weight", neg_weight)):
+            checks.non_negative(fn, name, w)
+        checks.some_positive(fn, "pos_weight", pos_weight, "pos")
+    if read_here:
+        checks.raise_if_failed()
     if opts.cross_replica_sum is None:
         opts = dataclasses.replace(opts, cross_replica_sum=be.default_replica_sum())
-    return xp, be, opts
+    return xp, be, opts, (x, pos, neg), (x_weight, neg_weight, pos_weight)
 
 
-def _prepare_and_drift(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp):
-    """Validate, resolve the namespace, upcast, and compute the drift on stop-gradient copies.
-
-    Returns (xp, backend, x in compute dtype with gradient, V, s, stats).
-    """
-    xp, be, opts = _validated(fn, x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp)
-    return (xp, be, *_drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be))
+def _over_problems(a, x, xp):
+    """pos or neg [..., n, D] broadcast over x's leading problem dims (a view; ``a`` if they match)."""
+    shape = (*x.shape[:-2], *a.shape[-2:])
+    return a if tuple(a.shape) == shape else xp.broadcast_to(a, shape)
 
 
 def _drift_of(x, pos, neg, x_weight, pos_weight, neg_weight, opts, xp, be, after=None):

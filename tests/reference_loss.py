@@ -1,4 +1,4 @@
-"""A float64 NumPy reference of DESIGN §2, written out step by step with no shared code.
+"""A float64 NumPy reference of docs/design.md §2, written out step by step with no shared code.
 
 Distances by broadcast difference, softmaxes directly (not in log space), the affinity floor
 as sqrt(max(A_row * A_col, floor)) and F with both of its sums, as the specification states.

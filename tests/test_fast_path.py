@@ -359,7 +359,7 @@ def _on_reference(fn):
 def _loss_fn(pos, neg, w, **options):
     x_w, neg_w, pos_w = w
     return lambda x: drifting_loss(x, pos, neg, x_weight=x_w, neg_weight=neg_w, pos_weight=pos_w,
-                                   xp=B.xp, **options)
+                                   problem_dims=x.ndim - 2, xp=B.xp, **options)
 
 
 def _loss_and_grad(f, x, compiled=False):
@@ -380,7 +380,7 @@ def test_public_loss_dispatches_to_fast_path():
     x, pos, neg, w = _problem(4)
     with pytest.MonkeyPatch.context() as mp:
         swap_hooks(mp, compute_drift=spy)
-        drifting_loss(x, pos, neg, xp=B.xp)
+        drifting_loss(x, pos, neg, problem_dims=2, xp=B.xp)
     assert seen
 
 

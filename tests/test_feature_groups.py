@@ -1,4 +1,4 @@
-"""Feature groups of DESIGN §4 against a float64 NumPy reference, on the backend under test."""
+"""Feature groups of docs/design.md §4 against a float64 NumPy reference, on the backend under test."""
 
 import numpy as np
 import pytest

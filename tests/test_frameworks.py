@@ -137,7 +137,7 @@ def test_torch_compile_module_in_a_training_step():
     eager = step_loss(z, real)
     compiled = torch.compile(step_loss, fullgraph=True)(z, real)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    compiled.backward()  # backward outside the compiled region (DESIGN §7)
+    compiled.backward()  # backward outside the compiled region (docs/design.md §7)
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
 
 

@@ -1,4 +1,4 @@
-"""drifting_loss_groups: the sum of one drifting_loss per group, locations as problems (DESIGN §4)."""
+"""drifting_loss_groups: the sum of one drifting_loss per group, locations as problems (docs/design.md §4)."""
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ def single_loss(gen, pos, neg=None, **kw):
     """drifting_loss on [G, L, n, C] by hand for one group."""
     def t(a):
         return B.asarray(np.ascontiguousarray(a.transpose(0, 2, 1, 3)), F64)
-    return driftloss.drifting_loss(t(gen), t(pos), None if neg is None else t(neg), **kw)
+    return driftloss.drifting_loss(t(gen), t(pos), None if neg is None else t(neg), problem_dims=2, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_guidance_weights_per_class_broadcast_over_locations(data):
     np.testing.assert_allclose(float(B.to_numpy(total)), expected, rtol=1e-12)
     assert list(stats) == list(SHAPES)
     for k, (loss, single_stats) in singles.items():
-        assert set(stats[k]) == {"scale", "feature_scale", "drift_rms", "neighbours", "loss"}
+        assert set(stats[k]) == {"scale", "feature_scale", "drift_rms", "neighbours", "energy_distance",
+                                 "loss"}
         np.testing.assert_allclose(B.to_numpy(stats[k]["loss"]), B.to_numpy(loss), rtol=1e-12)
         for key, value in single_stats.items():
             np.testing.assert_allclose(B.to_numpy(stats[k][key]), B.to_numpy(value), rtol=1e-12, err_msg=key)
@@ -121,7 +122,7 @@ def test_gradient_equals_sum_of_single_call_gradients(data):
 
     def single_of(first):
         x = B.xp.permute_dims(first, (0, 2, 1, 3))
-        return driftloss.drifting_loss(x, B.asarray(pos["s1.loc"].transpose(0, 2, 1, 3), F64))
+        return driftloss.drifting_loss(x, B.asarray(pos["s1.loc"].transpose(0, 2, 1, 3), F64), problem_dims=2)
 
     expected = B.to_numpy(B.grad(single_of, arrays["s1.loc"]))
     assert np.abs(got).max() > 0
@@ -214,7 +215,7 @@ def test_groups_of_one_shape_gradients(shared_data, sharing):
 
         def single_of(a, name=name):
             p = B.asarray(pos[name].transpose(0, 2, 1, 3), F64)
-            return driftloss.drifting_loss(B.xp.permute_dims(a, (0, 2, 1, 3)), p)
+            return driftloss.drifting_loss(B.xp.permute_dims(a, (0, 2, 1, 3)), p, problem_dims=2)
 
         got, expected = (B.to_numpy(B.grad(f, arrays[name])) for f in (total_of, single_of))
         assert np.abs(got).max() > 0

@@ -1,4 +1,4 @@
-"""DESIGN §3 as Hypothesis properties, on the backend under test (float64)."""
+"""docs/design.md §3 as Hypothesis properties, on the backend under test (float64)."""
 
 import numpy as np
 import pytest

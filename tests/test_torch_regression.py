@@ -1,5 +1,5 @@
 """torch's regression step as one autograd function (driftloss.adapters.torch_regression) against the
-array form of DESIGN §2 step 5 (driftloss._loss.regression_loss without the hook). Torch backend only."""
+array form of docs/design.md §2 step 5 (driftloss._loss.regression_loss without the hook). Torch only."""
 
 from __future__ import annotations
 

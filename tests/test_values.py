@@ -1,4 +1,4 @@
-"""Values: hand-computed tiny cases and the float64 reference of DESIGN §2, on the backend under test."""
+"""Values: hand-computed tiny cases and the float64 reference of docs/design.md §2, on the tested backend."""
 
 import math
 
@@ -115,17 +115,17 @@ def test_drift_field_normalized_is_the_loss_drift():
 def test_reduction_modes():
     x, p, q, _ = _case(3, lead=(2, 3))
     args = [B.asarray(a) for a in (x, p, q)]
-    per = B.to_numpy(driftloss.drifting_loss(*args, reduction="none"))
+    per = B.to_numpy(driftloss.drifting_loss(*args, reduction="none", problem_dims=2))
     v, _, _, _ = reference_drift(x, p, q)
     np.testing.assert_allclose(per, np.mean(v**2, axis=(-2, -1)), rtol=1e-10)
     assert per.shape == (2, 3)
-    total = float(B.to_numpy(driftloss.drifting_loss(*args, reduction="sum")))
+    total = float(B.to_numpy(driftloss.drifting_loss(*args, reduction="sum", problem_dims=2)))
     np.testing.assert_allclose(total, per.sum(), rtol=1e-12)
 
 
 def test_half_precision_inputs_compute_in_float32():
     if B.name == "strict":
-        pytest.skip("array-api-strict has no float16 (DESIGN §7)")
+        pytest.skip("array-api-strict has no float16 (docs/design.md §7)")
     x, p, _, _ = _case(5, lead=())
     xh = B.asarray(x, np.float16)
     loss = driftloss.drifting_loss(xh, B.asarray(p, np.float16))

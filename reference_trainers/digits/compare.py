@@ -11,6 +11,7 @@ comparison.json and --out/fd_vs_alpha.png (every method's curve; only drifting i
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -19,9 +20,10 @@ import sys
 
 import torch
 
-from reference_trainers.digits.config import METHODS, DigitsConfig
+from reference_trainers.common.config_cli import config_from_args
+from reference_trainers.digits.config import METHODS, DigitsConfig, build_parser
 from reference_trainers.digits.evaluate import plot_fd_vs_alpha
-from reference_trainers.digits.train import config_from_cli, run
+from reference_trainers.digits.train import run
 
 
 def comparison_table(results: dict[str, dict]) -> str:
@@ -64,11 +66,16 @@ def describe(cfg: DigitsConfig, results: dict[str, dict]) -> str:
     ]) + "\n"
 
 
+def build_compare_parser() -> argparse.ArgumentParser:
+    """Every DigitsConfig flag but --method (all three run) and --resume; --out defaults to
+    runs/digits-compare."""
+    parser = build_parser(__doc__, skip=("method", "resume"))
+    parser.set_defaults(out="runs/digits-compare")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(argv or [])
-    base = config_from_cli(argv, __doc__.split("\n")[0])
-    if "--out" not in argv:
-        base = dataclasses.replace(base, out="runs/digits-compare")
+    base = config_from_args(DigitsConfig, vars(build_compare_parser().parse_args(argv)))
     results = {}
     for method in METHODS:
         cfg = dataclasses.replace(base, method=method, out=os.path.join(base.out, method))

@@ -63,8 +63,9 @@ class DriftingObjective:
         """fake [G, N, 1, 8, 8] (with grad); batch.pos [G, P, 1, 8, 8], batch.uncond [G, M, 1, 8, 8];
         alpha [G] (the guidance scale of each class's problem).
 
-        Returns the loss and diagnostics: drift_rms [T] averaged over groups, drift_rms_global [T]
-        (the raw-pixel group), and the loss of the global group.
+        Returns the loss and diagnostics: energy_distance (stats["energy_distance"], the progress
+        curve) averaged over groups and of the raw-pixel group (energy_distance_global), drift_rms [T]
+        averaged over groups, drift_rms_global [T] (the raw-pixel group), and the loss of the global group.
         """
         gen_g = self.features(fake)
         with torch.no_grad():
@@ -73,7 +74,10 @@ class DriftingObjective:
         loss, stats = driftloss.drifting_loss_groups(gen_g, pos_g, neg_g, taus=self.cfg.taus, neg_weight=w,
                                                      return_stats=True)
         rms = torch.stack([s["drift_rms"] for s in stats.values()])  # [groups, T]
-        return loss, {"drift_rms": rms.mean(0).tolist(),
+        energy = torch.stack([s["energy_distance"] for s in stats.values()])  # [groups]
+        return loss, {"energy_distance": energy.mean().item(),
+                      "energy_distance_global": stats["global"]["energy_distance"].item(),
+                      "drift_rms": rms.mean(0).tolist(),
                       "drift_rms_global": stats["global"]["drift_rms"].tolist(),
                       "loss_global": stats["global"]["loss"].item()}
 

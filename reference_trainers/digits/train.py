@@ -31,6 +31,7 @@ from tqdm import tqdm
 from reference_trainers.common.checkpoints import load_checkpoint, save_checkpoint, training_state
 from reference_trainers.common.config_cli import config_with_resume
 from reference_trainers.common.ema import update_ema
+from reference_trainers.common.guidance import sample_alpha
 from reference_trainers.digits.baselines import GANObjective, MMDObjective
 from reference_trainers.digits.config import DigitsConfig, build_parser, learning_rate
 from reference_trainers.digits.data import load_digit_splits, step_batch
@@ -38,22 +39,6 @@ from reference_trainers.digits.evaluate import evaluate, plot_fd_vs_alpha, plot_
 from reference_trainers.digits.features import DriftingObjective
 from reference_trainers.digits.models import Generator, initialize_weights
 from reference_trainers.digits.pretrain import load_or_pretrain_encoder, load_or_train_eval_classifier
-
-
-def sample_alpha(u: torch.Tensor, u_one: torch.Tensor, power: float, high: float,
-                 one_fraction: float = 0.0) -> torch.Tensor:
-    """Guidance scales [G] from uniform draws u, u_one [G] in [0, 1) (A.7).
-
-    alpha = F^-1(u) for p(alpha) ∝ alpha^-power on [1, high]: F(a) = (1 - a^(1-k)) / (1 - high^(1-k)),
-    so alpha = (1 - u (1 - high^(1-k)))^(1 / (1-k)) (k = 1: alpha = high^u). Where u_one < one_fraction,
-    alpha = 1 exactly (a share of unguided problems).
-    """
-    if power == 1.0:
-        alpha = high ** u
-    else:
-        e = 1.0 - power
-        alpha = (1.0 - u * (1.0 - high**e)) ** (1.0 / e)
-    return torch.where(u_one < one_fraction, torch.ones_like(alpha), alpha)
 
 
 def make_objective(cfg: DigitsConfig, data):
@@ -147,16 +132,26 @@ def train(cfg: DigitsConfig) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
 
 
 def plot_curves(cfg: DigitsConfig, history: dict, path: str) -> None:
-    """The training loss and (drifting) the drift RMS per tau before normalization, averaged over groups."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    """The training loss and (drifting) the energy distance (stats["energy_distance"], the progress curve)
+    and the drift RMS per tau before normalization, averaged over groups."""
+    logs = history["logs"]
+    with_ed = bool(logs) and "energy_distance" in logs[-1]
+    fig, axes = plt.subplots(1, 3 if with_ed else 2, figsize=(13.5 if with_ed else 9, 3.2))
     axes[0].plot(history["step"], history["loss"])
     axes[0].set(xlabel="step", ylabel="loss", title=f"{cfg.method} loss")
-    if history["logs"] and "drift_rms" in history["logs"][0]:
-        rms = np.asarray([entry["drift_rms"] for entry in history["logs"]])
-        for t, tau in enumerate(cfg.taus):
-            axes[1].plot(history["step"], rms[:, t], label=f"τ = {tau:g}")
-        axes[1].set(xlabel="step", ylabel="drift RMS", title="drift RMS (mean over groups)")
+    if with_ed:  # entries logged before it was recorded (an older checkpoint's) are skipped
+        steps = [s for s, entry in zip(history["step"], logs) if "energy_distance" in entry]
+        for key, label in (("energy_distance", "mean over groups"), ("energy_distance_global", "raw pixels")):
+            axes[1].plot(steps, [entry[key] for entry in logs if "energy_distance" in entry], label=label)
+        axes[1].set(xlabel="step", ylabel="ED / S", yscale="log",
+                    title="energy distance (stats['energy_distance'])")
         axes[1].legend(fontsize=8)
+    if logs and "drift_rms" in logs[0]:
+        rms = np.asarray([entry["drift_rms"] for entry in logs])
+        for t, tau in enumerate(cfg.taus):
+            axes[-1].plot(history["step"], rms[:, t], label=f"τ = {tau:g}")
+        axes[-1].set(xlabel="step", ylabel="drift RMS", title="drift RMS (mean over groups)")
+        axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,10 +25,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from reference_trainers.common.config_cli import config_from_args
+from reference_trainers.common.config_cli import checked, config_from_args
 from reference_trainers.toy.config import ToyConfig, build_parser
 
-RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "RESULTS.md")  # reference_trainers/
 
 # (label, ToyConfig overrides, paper figure) per ablation; the first row is the reference setting.
 ABLATIONS = {
@@ -168,17 +168,30 @@ def write_section(section: str, which: str, path: str = RESULTS) -> None:
         f.write(text)
 
 
+# the base ToyConfig of every setting, unless a flag says otherwise (shown as the defaults in --help)
+BASE_DEFAULTS = {"steps": 800, "out": "runs/toy2d_ablations", "plots": False, "progress": False, "threads": 1}
+
+
+def build_ablation_parser() -> argparse.ArgumentParser:
+    """The ablation's own flags, then every ToyConfig flag (the base config, with BASE_DEFAULTS)."""
+    parser = build_parser(__doc__)
+    parser.usage = "%(prog)s --which {" + ",".join(sorted(ABLATIONS)) + "} [options]"
+    own = parser.add_argument_group("ablation")
+    own.add_argument("--which", choices=sorted(ABLATIONS), required=True, help="the ablation to run")
+    own.add_argument("--seeds", type=checked(int, ge=1), default=2,
+                     help="seeds per setting: base --seed, +1, ...")
+    own.add_argument("--workers", type=checked(int, ge=1), default=2,
+                     help="runs at a time, one single-threaded process each")
+    own.add_argument("--results", default=RESULTS, help="the markdown file whose section is rewritten")
+    parser.set_defaults(**BASE_DEFAULTS)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else argv
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--which", choices=sorted(ABLATIONS), required=True)
-    own.add_argument("--seeds", type=int, default=2)
-    own.add_argument("--workers", type=int, default=2)
-    own.add_argument("--results", default=RESULTS)
-    args, rest = own.parse_known_args(argv)
-    given = vars(build_parser(__doc__.split("\n")[0]).parse_args(rest))
-    defaults = {"steps": 800, "out": "runs/toy2d_ablations", "plots": False, "progress": False, "threads": 1}
-    base = config_from_args(ToyConfig, {**defaults, **given})
+    given = vars(build_ablation_parser().parse_args(argv))
+    args = argparse.Namespace(**{k: given.pop(k) for k in ("which", "seeds", "workers", "results")})
+    base = config_from_args(ToyConfig, given)
     rows = run_ablation(args.which, base, args.seeds, args.workers)
     command = "python -m reference_trainers.toy.ablations " + " ".join(argv)
     section = format_section(args.which, command, rows, base, args.seeds)

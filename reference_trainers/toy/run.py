@@ -4,7 +4,8 @@ A trainer provides ``train(cfg) -> ToyRun`` for one target and init; ``run_all``
 calls it for each combination, and writes (per combination, to ``out`` or ``out/<target>-<init>``):
   samples.png      generated samples (EMA generator) at several steps, target in grey
   drift.png        attraction / repulsion / total drift at generated points early in training
-  curves.png       loss and unnormalized drift RMS per tau
+  curves.png       loss, energy distance of each step's batch (stats["energy_distance"]: the curve that
+                   shows progress) and unnormalized drift RMS per tau
   metrics.json     energy distance, MMD, modes covered (+ the same for two target samples), throughput
 """
 
@@ -30,11 +31,14 @@ from reference_trainers.toy.data import INITS, TARGETS, eval_batch, make_target
 class ToyRun:
     """Everything one training run produced (NumPy; what the outputs are made of).
 
-    loss [steps], drift_rms [steps, T], neighbours [steps, T]; snapshots: (step, samples [n, 2]);
+    loss [steps], energy_distance [steps] (stats["energy_distance"] of each step's batch; shorter than
+    loss when resumed from a checkpoint made before it was recorded: it covers the last steps),
+    drift_rms [steps, T], neighbours [steps, T]; snapshots: (step, samples [n, 2]);
     quiver: (step, x [n, 2], V+ [n, 2], V- [n, 2], pos [m, 2]) or None; metrics: see sample_metrics.
     """
 
     loss: list = field(default_factory=list)
+    energy_distance: list = field(default_factory=list)
     drift_rms: list = field(default_factory=list)
     neighbours: list = field(default_factory=list)
     snapshots: list = field(default_factory=list)
@@ -60,11 +64,15 @@ def evaluate(cfg: ToyConfig, generate: Callable[[np.ndarray], np.ndarray]) -> di
     return sample_metrics(generate(noise), held_out, reference, target)
 
 
-def log_line(step: int, loss: float, drift_rms: list, neighbours: list, samples_per_s: float) -> str:
-    """One diagnostics line: loss, per-tau unnormalized drift RMS and effective neighbours, throughput."""
+def log_line(step: int, loss: float, energy_distance: float | None, drift_rms: list, neighbours: list,
+             samples_per_s: float) -> str:
+    """One diagnostics line: loss, energy distance (None: not recorded), per-tau unnormalized drift RMS
+    and effective neighbours, throughput."""
+    ed = "" if energy_distance is None else f" energy_distance {energy_distance:.4g}"
     rms = " ".join(f"{v:.3g}" for v in drift_rms)
     nb = " ".join(f"{v:.3g}" for v in neighbours)
-    return f"step {step} loss {loss:.4f} drift_rms [{rms}] neighbours [{nb}] samples/s {samples_per_s:.0f}"
+    return (f"step {step} loss {loss:.4f}{ed} drift_rms [{rms}] neighbours [{nb}] "
+            f"samples/s {samples_per_s:.0f}")
 
 
 class ProgressLog:
@@ -87,7 +95,8 @@ class ProgressLog:
             return
         self.train_time += time.perf_counter() - self.t0
         run.samples_per_s = (step - self.start) * self.cfg.n_gen / self.train_time
-        line = log_line(step, run.loss[-1], run.drift_rms[-1], run.neighbours[-1], run.samples_per_s)
+        ed = run.energy_distance[-1] if run.energy_distance else None
+        line = log_line(step, run.loss[-1], ed, run.drift_rms[-1], run.neighbours[-1], run.samples_per_s)
         self.bar.set_postfix_str(line.split(" ", 2)[2][:60])
         with open(self.path, "a") as f:
             f.write(line + "\n")
@@ -116,7 +125,7 @@ def write_outputs(cfg: ToyConfig, run: ToyRun, out: str, framework: str) -> None
     title = f"{cfg.target}, {cfg.init} init ({framework})"
     toy_plots.plot_snapshots(run.snapshots, target_pts, os.path.join(out, "samples.png"), title)
     toy_plots.plot_curves(np.asarray(run.loss), np.asarray(run.drift_rms), cfg.taus,
-                          os.path.join(out, "curves.png"), title)
+                          os.path.join(out, "curves.png"), title, np.asarray(run.energy_distance))
     if run.quiver is not None:
         step, x, v_plus, v_minus, pos = run.quiver
         toy_plots.plot_drift_quiver(x, v_plus, v_minus, pos, os.path.join(out, "drift.png"),

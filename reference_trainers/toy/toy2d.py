@@ -123,6 +123,7 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, torch.nn.Module, torch.nn.Module]:
         update_ema(ema, model, cfg.ema_decay)
 
         run.loss.append(loss.item())
+        run.energy_distance.append(stats["energy_distance"].item())
         run.drift_rms.append(stats["drift_rms"].tolist())
         run.neighbours.append(stats["neighbours"].tolist())
         if step == quiver_step(cfg):

@@ -143,6 +143,7 @@ def train(cfg: ToyConfig) -> tuple[ToyRun, eqx.nn.MLP, eqx.nn.MLP]:
         model, ema, opt_state, loss, stats, x = train_step(model, ema, opt_state, jnp.asarray(noise),
                                                jnp.asarray(real), jnp.float32(learning_rate(cfg, step)))
         run.loss.append(float(loss))
+        run.energy_distance.append(float(stats["energy_distance"]))
         run.drift_rms.append(np.asarray(stats["drift_rms"]).tolist())
         run.neighbours.append(np.asarray(stats["neighbours"]).tolist())
         if step == quiver_step(cfg):

@@ -1,4 +1,4 @@
-"""Make the checkout's reference_trainers importable (it is not in the wheel, DESIGN §5).
+"""Make the checkout's reference_trainers importable (it is not in the wheel, docs/design.md §5).
 
 Appended, not prepended, to sys.path: ``driftloss`` must still come from the installed package,
 which maps adapters/ to ``driftloss.adapters``; the checkout's driftloss/ folder alone lacks it.
@@ -7,6 +7,11 @@ which maps adapters/ to ``driftloss.adapters``; the checkout's driftloss/ folder
 import sys
 from pathlib import Path
 
+from conftest import require
+
 ROOT = str(Path(__file__).resolve().parents[2])
 if ROOT not in sys.path:
     sys.path.append(ROOT)
+
+require(("torch", "torchvision", "timm", "diffusers", "torch_fidelity", "PIL"),
+        "tests/imagenet (the ImageNet trainers)")

@@ -21,7 +21,7 @@ def dry_run():
     before = os.stat(imagenet_step.RESULTS).st_mtime_ns if os.path.exists(imagenet_step.RESULTS) else None
     rows, text = imagenet_step.main(["--dry-run"])
     after = os.stat(imagenet_step.RESULTS).st_mtime_ns if os.path.exists(imagenet_step.RESULTS) else None
-    assert before == after, "--dry-run without --write must not touch RESULTS.md"
+    assert before == after, "--dry-run without --write must not touch RESULTS_LOG.md"
     return {r["preset"]: r for r in rows}, text
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from reference_trainers.common.guidance import sample_alpha
 from reference_trainers.digits import compare as digits_compare
 from reference_trainers.digits import train as digits
 from reference_trainers.digits.baselines import mmd2
@@ -86,7 +87,7 @@ def test_shift_augmentation_translates_with_background_padding():
 def test_alpha_sampler_matches_the_power_law(power, one_fraction):
     gen = torch.Generator().manual_seed(0)
     u, u_one = torch.rand(400_000, generator=gen, dtype=torch.float64), torch.rand(400_000, generator=gen)
-    alpha = digits.sample_alpha(u, u_one, power, 4.0, one_fraction)
+    alpha = sample_alpha(u, u_one, power, 4.0, one_fraction)
     assert alpha.min() >= 1.0 and alpha.max() <= 4.0
     # analytic mean of p(a) ∝ a^-k on [1, 4]: int a^(1-k) / int a^-k
     grid = np.linspace(1.0, 4.0, 300_001)
