@@ -4,6 +4,7 @@
 # fits), one warm-up + 3 timed steps each, every preset in its own process under a timeout, the rows appended
 # to benchmarks/RESULTS_LOG.md ("ImageNet training step") and the table printed last; logs in $OUT (default ./out).
 #   bash benchmarks/imagenet_gpu.sh          # from the repository root, with driftloss installed
+#   bash benchmarks/imagenet_gpu.sh --dry-run  # any machine, no GPU: shapes, FLOPs, the estimated GPU-hours
 # On the lent GPU machine (its image has torch, timm, tqdm, triton; it lacks array-api-compat: carry the wheels
 # in an ignored .whl/, as for benchmarks/gpu.sh):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -23,6 +24,9 @@ OUT="${OUT:-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+if [ "${1:-}" = "--dry-run" ]; then
+    exec "$PY" -m benchmarks.imagenet_step --dry-run
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/imagenet_gpu.txt"
 "$PY" -c "import torch, timm, tqdm, driftloss, reference_trainers.imagenet.train" \
     || { echo "imagenet_gpu.sh: a module is missing (see the header's recipe)"; exit 1; }

@@ -93,7 +93,7 @@ def reference(groups, taus=TAUS, reduction="mean", **opts):
             w64 = [None if a is None else a.double() for a in w]
             total = total + driftloss.drifting_loss(
                 x64, pos.double(), None if neg is None else neg.double(), taus, x_weight=w64[0],
-                neg_weight=w64[1], pos_weight=w64[2], reduction=reduction, **opts)
+                neg_weight=w64[1], pos_weight=w64[2], reduction=reduction, problem_dims=x64.ndim - 2, **opts)
     total.backward()
     return float(total), [x.grad for x in xs]
 

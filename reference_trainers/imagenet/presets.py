@@ -124,14 +124,15 @@ PRESETS: dict[str, Preset] = {
                ema_decays=(0.9, 0.99), n_classes=2, n_pos=8, n_neg=8, n_unc=4, queue_per_class=16,
                queue_uncond=32, queue_push=8, alpha_power=3.0, eval_alphas=(1.0, 2.0)),
         # scikit-learn's 8x8 digits as 16x16 RGB images (digits_pipeline.py): the pixel path, 16 tokens of 4x4
-        # pixels, the encoder on its smallest grid (16x16, encoder_patch 1), no ConvNeXt; sized for ~12 min
-        # end to end on one busy CPU core (the 16x16 per-location drifting groups dominate a step).
+        # pixels, the encoder on its smallest grid (16x16, encoder_patch 1), no ConvNeXt; sized for ~15 min
+        # end to end on one busy CPU core (the 16x16 per-location drifting groups dominate a step; N_c = 5
+        # classes per step buys twice the steps of N_c = 10 in the same time).
         Preset("digits-pixel", space="pixel", image_size=16, channels=3, size=16, patch_size=4,
                encoder_patch=1, convnext="", num_classes=10, hidden=96, depth=3, heads=4,
                register_tokens=4, style_tokens=8, style_codebook=16, encoder_width=8,
                encoder_blocks=(1, 1, 1, 1), mae_lr=2e-3, mae_batch=128, mae_ema=0.99, mae_warmup=30,
-               mae_steps=300, cls_finetune_steps=100, cls_ramp_steps=30, lr=1e-3, warmup_steps=50,
-               steps=700, ema_decays=(0.995,), n_classes=10, n_pos=24, n_neg=24, n_unc=12,
+               mae_steps=200, cls_finetune_steps=70, cls_ramp_steps=30, lr=1e-3, warmup_steps=50,
+               steps=1200, ema_decays=(0.995,), n_classes=5, n_pos=24, n_neg=24, n_unc=12,
                queue_per_class=64, queue_uncond=256, queue_push=64, alpha_power=3.0, eval_alpha=3.0,
                eval_alphas=(1.0, 1.5, 2.0, 3.0, 4.0)),
     ]

@@ -7,6 +7,7 @@ which maps adapters/ to ``driftloss.adapters``; the checkout's driftloss/ folder
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import require
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -15,3 +16,14 @@ if ROOT not in sys.path:
 
 require(("torch", "torchvision", "timm", "diffusers", "torch_fidelity", "PIL"),
         "tests/imagenet (the ImageNet trainers)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other jobs, 2 threads contend and run up to ~20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

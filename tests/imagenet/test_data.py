@@ -70,14 +70,6 @@ def write_latents(folder, shard_counts=(7, 5, 8), num_classes=3, shape=(4, 32, 3
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests share 2 busy cores, where 2 threads contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # image folders

@@ -31,14 +31,6 @@ def expected_taps(blocks) -> list[str]:
             if (j + 1) % 2 == 0 or j == n]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests share 2 busy cores, where 2 threads contend (and run ~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def expected_tap_shapes(width: int, blocks=(3, 4, 6, 3)) -> dict[str, tuple[int, int, int]]:
     """[C, H, W] of each default tap for base width C on a 32x32 grid."""

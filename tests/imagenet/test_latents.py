@@ -197,3 +197,19 @@ def test_clear_errors(setup, tmp_path):
     shutil.copytree(setup["out"], tmp_path / "other")
     with pytest.raises(ValueError, match="other settings.*seed"):
         L.main(_argv(setup, tmp_path / "other") + ["--seed", "5"])
+
+
+def test_training_runs_on_extracted_latents(setup, tmp_path):
+    """The pipeline's first two stages: PNGs -> latents.py -> a few guided drifting steps (latent-tiny on
+    the tiny VAE's 16x16 latents of 128x128 crops; the encoder needs a grid of a multiple of 16)."""
+    from reference_trainers.imagenet import train
+
+    argv = _argv(setup, tmp_path / "latents")
+    argv[argv.index("--image-size") + 1] = "128"
+    L.main(argv)
+    run = tmp_path / "run"
+    summary = train.main(["--preset", "latent-tiny", "--data", str(tmp_path / "latents"), "--out", str(run),
+                          "--set", "steps=2", "size=16", "--no-progress", "--grid-every", "2",
+                          "--log-every", "1", "--threads", "1"])
+    assert summary["step"] == 2 and np.isfinite(summary["loss"])
+    assert (run / "grids" / "step-0000002.png").is_file()

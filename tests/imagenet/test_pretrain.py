@@ -22,14 +22,6 @@ from .test_data import write_image_folder, write_latents
 FAST = ["--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests share 2 busy cores, where 2 threads contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
