@@ -350,7 +350,8 @@ def open_dataset(path: str, preset: Preset, *, generator: torch.Generator | None
         if has_manifest:
             raise ValueError(f"{path!r} holds cached latents (manifest.json); preset {preset.name!r} reads "
                              "images: give the image folder, or use a latent preset")
-        data = ImageFolderDataset(path, preset.image_size, generator=generator)
+        data = ImageFolderDataset(path, preset.image_size, generator=generator,
+                                  crop_scale=CROP_SCALE if preset.augment else None, flip=preset.augment)
     else:
         raise ValueError(f"preset {preset.name!r}: unknown space {preset.space!r}")
     if data.num_classes > preset.num_classes:

@@ -7,7 +7,7 @@ Stages (each the ImageNet trainers' own entry point, called in this process with
                <out>/images/<class>/<i>.png: 8x8 grey upscaled (nearest) to the preset's 16x16, RGB;
   2. encoder   pretrain_encoder.main: MAE + classification fine-tune of the preset's ResNet encoder;
   3. train     train.main: guided drifting training of the preset's DiT generator in that encoder's features
-               (direct class-balanced batches: N_c = 10 classes x N_pos 32, N_neg 32, N_unc 16);
+               (direct class-balanced batches of the preset's N_c classes x N_pos / N_neg / N_unc);
   4. sample    sample.main: 200 samples per class (2,000) at each alpha, samples.npz + grid.png per alpha;
   5. evaluate  FD-digits exactly as the digits trainer scores (digits/evaluate.py's score, its evaluation
                classifier, the 450 held-out digits): each sample is mapped back to an 8x8 grey digit (channel
@@ -17,8 +17,8 @@ fd_vs_alpha.png, samples_alpha<a>.png (10 classes x 12 samples, enlarged) at alp
 and each stage's own folder (encoder/, train/, samples/).
 
 The image-folder reader of the pixel path (data.py) draws a random resized crop (area 0.2-1) and a flip for
-every read, ImageNet's augmentation. A flipped or cropped digit is another digit (or none), so this pipeline
-reads the digit folder without either (``digit_reads``); everything else is the unchanged ImageNet code.
+every read, ImageNet's augmentation. A flipped or cropped digit is another digit (or none), so the
+digits-pixel preset turns both off (augment=False); everything else is the unchanged ImageNet code.
 """
 
 from __future__ import annotations
@@ -92,26 +92,6 @@ def write_image_folder(split, root: str, side: int) -> str:
     for i, (image, label) in enumerate(zip(images, split.labels)):
         Image.fromarray(image).save(os.path.join(root, str(int(label)), f"{i:04d}.png"))
     return root
-
-
-@contextlib.contextmanager
-def digit_reads():
-    """The pixel path's image-folder reader without ImageNet's random crop and flip (see the module
-    docstring): patches data.open_dataset where pretrain_encoder and train look it up, for this block."""
-    from reference_trainers.imagenet import data, pretrain_encoder
-
-    original = data.open_dataset
-
-    def open_digits(path, preset, **kwargs):
-        dataset = original(path, preset, **kwargs)
-        dataset.crop_scale, dataset.flip = None, False
-        return dataset
-
-    data.open_dataset = pretrain_encoder.open_dataset = open_digits
-    try:
-        yield
-    finally:
-        data.open_dataset = pretrain_encoder.open_dataset = original
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -240,15 +220,14 @@ def run(cfg: PipelineConfig) -> dict:
     with clock.stage("data", cfg.progress):
         digits = load_digit_splits()
         write_image_folder(digits.train, paths["images"], preset.image_size)
-    with digit_reads():
-        with clock.stage("encoder", cfg.progress):
-            pretrain_encoder.main([*common, "--out", paths["encoder"], "--steps", str(cfg.mae_steps),
-                                   "--checkpoint-every", "0", *sets])
-        with clock.stage("train", cfg.progress):
-            summary = train.main([*common, "--out", paths["train"], "--source", "direct",
-                                  "--encoder", os.path.join(paths["encoder"], "encoder.pt"),
-                                  "--grid-every", "0", "--checkpoint-every", "0", "--no-tensorboard",
-                                  "--log-every", "50", *(["--set", *train_sets] if train_sets else [])])
+    with clock.stage("encoder", cfg.progress):
+        pretrain_encoder.main([*common, "--out", paths["encoder"], "--steps", str(cfg.mae_steps),
+                               "--checkpoint-every", "0", *sets])
+    with clock.stage("train", cfg.progress):
+        summary = train.main([*common, "--out", paths["train"], "--source", "direct",
+                              "--encoder", os.path.join(paths["encoder"], "encoder.pt"),
+                              "--grid-every", "0", "--checkpoint-every", "0", "--no-tensorboard",
+                              "--log-every", "50", *(["--set", *train_sets] if train_sets else [])])
     with clock.stage("sample", cfg.progress):
         written = sample.main(["--checkpoint", os.path.join(paths["train"], "checkpoint.pt"),
                                "--out", paths["samples"], "--per-class", str(cfg.per_class),

@@ -56,6 +56,7 @@ class Preset:
     cls_weight: float = 0.1         # lambda of lambda*CE + (1-lambda)*recon, ramped from 0 ...
     cls_ramp_steps: int = 1000      # ... over these steps
     convnext: str = ""              # pixel presets also drift in ConvNeXt-V2 features (timm model name)
+    augment: bool = True            # pixel presets: random resized crop (0.2-1) + flip of the images
     # --- optimizer and schedule ---------------------------------------------------------------------------
     lr: float = 4e-4
     betas: tuple[float, ...] = (0.9, 0.95)
@@ -128,7 +129,7 @@ PRESETS: dict[str, Preset] = {
         # end to end on one busy CPU core (the 16x16 per-location drifting groups dominate a step; N_c = 5
         # classes per step buys twice the steps of N_c = 10 in the same time).
         Preset("digits-pixel", space="pixel", image_size=16, channels=3, size=16, patch_size=4,
-               encoder_patch=1, convnext="", num_classes=10, hidden=96, depth=3, heads=4,
+               encoder_patch=1, convnext="", augment=False, num_classes=10, hidden=96, depth=3, heads=4,
                register_tokens=4, style_tokens=8, style_codebook=16, encoder_width=8,
                encoder_blocks=(1, 1, 1, 1), mae_lr=2e-3, mae_batch=128, mae_ema=0.99, mae_warmup=30,
                mae_steps=200, cls_finetune_steps=70, cls_ramp_steps=30, lr=1e-3, warmup_steps=50,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
+import functools
 import os
 import sys
 import time
@@ -44,6 +44,7 @@ from reference_trainers.common.guidance import sample_alpha
 from reference_trainers.common.schedules import warmup_constant
 from reference_trainers.imagenet.objective import FeatureObjective
 from reference_trainers.imagenet.presets import PRESETS, Preset, get_preset, preset_with_overrides
+from reference_trainers.imagenet.run_log import RunLog, progress
 from reference_trainers.imagenet.sampling import (
     generate,
     generator_inputs,
@@ -340,7 +341,7 @@ def train(cfg: TrainConfig) -> dict:
 def _loop(cfg, preset, dist_info, net, model, emas, opt, source, objective, start) -> dict:
     device, main = dist_info.device, dist_info.is_main
     last = min(cfg.stop_at or preset.steps, preset.steps)
-    writer = _tensorboard(cfg) if main else None
+    log = RunLog(cfg.out, preset.taus, cfg.tensorboard) if main else None
     os.makedirs(cfg.out, exist_ok=True)
     timer = StepTimer(device)
     bar = tqdm(range(start + 1, last + 1), disable=not (cfg.progress and main), desc=preset.name,
@@ -365,80 +366,33 @@ def _loop(cfg, preset, dist_info, net, model, emas, opt, source, objective, star
                        "grad_norm": float(result.grad_norm), "time": dict(timer.parts),
                        **progress(result.stats)}
             if main:
-                _log(cfg, writer, bar, summary, result.stats, result.alpha)
+                bar.set_postfix(loss=f"{summary['loss']:.4g}", img_s=f"{img_s:.0f}")
+                log.step(summary, result.stats, result.alpha)
         if cfg.grid_every and (step % cfg.grid_every == 0 or step == last):
-            _grid(cfg, preset, emas[0], device, step, writer, main)
+            _grid(cfg, preset, emas[0], device, step, log)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last:
             _checkpoint(cfg, preset, dist_info, model, emas, opt, source, step)
-    if writer is not None:
-        writer.close()
+    if log is not None:
+        log.close()
     return summary
 
 
-def _tensorboard(cfg: TrainConfig):
-    if not cfg.tensorboard:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(os.path.join(cfg.out, "tensorboard"))
-
-
-def _log(cfg, writer, bar, summary: dict, stats: dict, alpha: torch.Tensor) -> None:
-    """tqdm postfix, one JSON line in log.txt, TensorBoard scalars (loss and drift_rms per group)."""
-    step = summary["step"]
-    bar.set_postfix(loss=f"{summary['loss']:.4g}", img_s=f"{summary['img_per_s']:.0f}")
-    with open(os.path.join(cfg.out, "log.txt"), "a") as f:
-        f.write(json.dumps(summary) + "\n")
-    if writer is None:
-        return
-    writer.add_scalar("train/loss", summary["loss"], step)
-    writer.add_scalar("train/lr", summary["lr"], step)
-    writer.add_scalar("train/grad_norm", summary["grad_norm"], step)
-    writer.add_scalar("train/img_per_s", summary["img_per_s"], step)
-    writer.add_scalar("train/alpha_mean", float(alpha.mean()), step)
-    for part, seconds in summary["time"].items():
-        writer.add_scalar(f"time/{part}", seconds, step)
-    for name, s in stats.items():
-        writer.add_scalar(f"loss/{name}", float(s["loss"]), step)
-        if "energy_distance" in s:
-            writer.add_scalar(f"energy_distance/{name}", float(s["energy_distance"]), step)
-        for tau, rms in zip(cfg_taus(stats), s["drift_rms"].tolist()):
-            writer.add_scalar(f"drift_rms/{name}/tau={tau}", rms, step)
-
-
-def progress(stats: dict) -> dict:
-    """The energy distance (generated vs real, in units of the group's mean distance; it falls as the
-    generator approaches the data) of the raw-sample group and its mean over all groups."""
-    ed = {name: float(s["energy_distance"]) for name, s in stats.items() if "energy_distance" in s}
-    if not ed:
-        return {}
-    return {"energy_distance_global": ed.get("global", float("nan")),
-            "energy_distance_mean": sum(ed.values()) / len(ed)}
-
-
-def cfg_taus(stats: dict) -> list[int]:
-    """Indices of the temperatures (the stats hold drift_rms [T] per group)."""
-    first = next(iter(stats.values()))
-    return list(range(len(first["drift_rms"])))
-
-
-def _grid(cfg, preset, ema, device, step, writer, main: bool) -> None:
+def _grid(cfg, preset, ema, device, step, log: RunLog | None) -> None:
     """Sample grid of the first EMA generator: 8 classes x 8 samples at the preset's evaluation alpha.
     Every rank generates (a sharded EMA needs them all); rank 0 writes."""
     classes = torch.arange(min(8, preset.num_classes), device=device).repeat_interleave(8)
     samples = generate(ema, preset, classes, alpha=preset.eval_alpha, seed=cfg.seed,
                        autocast=use_bf16(cfg.precision, device))
-    if not main:
+    if log is None:  # not rank 0
         return
     vae = _vae(cfg.vae, device) if cfg.vae else None
     images = to_uint8(samples, preset, vae)
     path = os.path.join(cfg.out, "grids", f"step-{step:07d}.png")
     save_grid(images, path, columns=8)
-    if writer is not None:
-        writer.add_image("samples", torch.from_numpy(images[:64]).permute(0, 3, 1, 2), step,
-                         dataformats="NCHW")
+    log.grid(images, step)
 
 
+@functools.lru_cache(maxsize=1)
 def _vae(path: str, device: torch.device):
     from reference_trainers.imagenet.latents import load_vae
 

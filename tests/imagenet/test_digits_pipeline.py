@@ -9,7 +9,6 @@ import torch
 
 from reference_trainers.digits.data import load_digit_splits
 from reference_trainers.imagenet import digits_pipeline
-from reference_trainers.imagenet.data import open_dataset
 from reference_trainers.imagenet.presets import get_preset
 
 
@@ -22,22 +21,19 @@ def test_upscaling_round_trips_to_the_digits():
     np.testing.assert_allclose(back, digits, atol=1 / 127.5)  # uint8 rounding only
 
 
-def test_digit_reads_turn_off_crop_and_flip_and_restore(tmp_path):
-    from reference_trainers.imagenet import data, pretrain_encoder
+def test_digit_folder_is_read_without_crop_or_flip(tmp_path):
+    """digits-pixel has augment=False: the image reader returns each digit as written (no crop, no flip)."""
+    from reference_trainers.imagenet import data
 
     split = load_digit_splits().train
     root = digits_pipeline.write_image_folder(split, str(tmp_path / "images"), 16)
-    preset = get_preset("digits-pixel")
-    with digits_pipeline.digit_reads():
-        ds = data.open_dataset(root, preset)
-        x, label = ds.item(0, torch.Generator().manual_seed(1))
-        assert pretrain_encoder.open_dataset is data.open_dataset
-    assert data.open_dataset is open_dataset and pretrain_encoder.open_dataset is open_dataset
+    ds = data.open_dataset(root, get_preset("digits-pixel"))
+    assert ds.crop_scale is None and ds.flip is False
+    x, label = ds.item(0, torch.Generator().manual_seed(1))
     assert ds.num_classes == 10 and len(ds) == len(split.labels)
     expected = digits_pipeline.to_digits(digits_pipeline.upscale(split.images[split.labels == label][:1], 16))
     np.testing.assert_allclose(digits_pipeline.to_digits(((x.permute(1, 2, 0) + 1) * 127.5).round()
                                                          .to(torch.uint8).numpy()[None]), expected, atol=1e-2)
-
 
 def test_pipeline_runs_every_stage_and_writes_its_outputs(tmp_path):
     out = tmp_path / "run"
